@@ -1,0 +1,1 @@
+# The Lark grammars of peftdsl, shipped inside the wheel as `peftdsl.grammar`.

@@ -1,0 +1,3 @@
+from peftdsl.cli import main
+
+raise SystemExit(main())
