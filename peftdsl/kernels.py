@@ -1,0 +1,409 @@
+"""The numerical core: pure torch functions over groups of stacked modules.
+
+Every function here works on a *group*: all target modules of one shape, stacked
+along a leading dimension ``g`` (for example the 32 ``q_proj`` of a 7B model), so
+that a group is one batched ``torch.linalg`` call instead of a Python loop. The
+only exception is DARE, which needs one random generator per module so that a
+module's mask does not depend on which other modules share its group.
+
+Shapes follow the factor frame of ``docs/conventions.md``:
+
+- a LoRA module is ``A[g, r, in]``, ``B[g, out, r]`` and a scaling ``s`` (a float,
+  or a ``Tensor[g]`` when ``alpha_pattern`` gives layers different scalings); its
+  delta is ``s·B·A`` of shape ``[g, out, in]``;
+- dense task tensors are ``[n, g, out, in]`` for ``n`` terms with weights ``[n]``;
+- (IA)³ vectors are any shape ``[g, ...]``.
+
+All compute is float32 (inputs are promoted); :func:`as_output` casts a result
+back to a storage dtype. Nothing here reads files or knows about recipes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+COMPUTE_DTYPE = torch.float32
+
+Scale = Union[float, Tensor]
+Majority = Literal["total", "frequency"]
+
+
+class LoraTerm(NamedTuple):
+    """One term ``coef·s·B·A`` of a canonical linear combination, for one group."""
+
+    coef: float
+    A: Tensor  # [g, r, in]
+    B: Tensor  # [g, out, r]
+    scale: Scale = 1.0  # float, or Tensor[g]: per-module scaling α/r or α/√r
+
+
+class Ia3Term(NamedTuple):
+    """One term ``coef·(l − 1)`` of an (IA)³ combination, for one group."""
+
+    coef: float
+    l: Tensor  # noqa: E741  [g, ...]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.to(COMPUTE_DTYPE)
+
+
+def _per_module(scale: Scale, group: int, like: Tensor) -> Tensor:
+    """A scaling as a ``[g, 1, 1]`` tensor, so it broadcasts over each module's matrix."""
+    scale_tensor = torch.as_tensor(scale, dtype=COMPUTE_DTYPE, device=like.device)
+    if scale_tensor.dim() == 0:
+        scale_tensor = scale_tensor.expand(group)
+    if scale_tensor.shape != (group,):
+        raise ValueError(f"scale must be a float or a Tensor[{group}], got shape {tuple(scale_tensor.shape)}")
+    return scale_tensor.view(group, 1, 1)
+
+
+def _as_terms(terms: Sequence[tuple]) -> list[LoraTerm]:
+    if not terms:
+        raise ValueError("a combination needs at least one term")
+    return [LoraTerm(*term) for term in terms]
+
+
+def _check_density(density: float) -> None:
+    if density < 0:
+        raise ValueError(f"density must be >= 0, got {density}")
+
+
+def as_output(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast a float32 result to its storage dtype, contiguous (as safetensors requires)."""
+    return x.to(dtype).contiguous()
+
+
+def lora_delta(A: Tensor, B: Tensor, scale: Scale = 1.0) -> Tensor:
+    """The dense delta ``s·B·A`` of each module, ``[g, out, in]``.
+
+    Only for dense operators (ties, DARE, …) and for merging into a base weight:
+    the low-rank operators never call it.
+    """
+    A, B = _f32(A), _f32(B)
+    return _per_module(scale, B.shape[0], B) * (B @ A)
+
+
+def stack_task_tensors(terms: Sequence[tuple]) -> tuple[Tensor, Tensor]:
+    """Task tensors ``[n, g, out, in]`` (each ``sᵢ·Bᵢ·Aᵢ``) and weights ``[n]`` (the cᵢ).
+
+    This is how a canonical form Σ cᵢ·xᵢ is handed to the dense operators: the
+    coefficients stay separate because TIES elects signs before weighting.
+    """
+    lora_terms = _as_terms(terms)
+    tasks = torch.stack([lora_delta(term.A, term.B, term.scale) for term in lora_terms])
+    weights = torch.tensor([float(term.coef) for term in lora_terms], dtype=COMPUTE_DTYPE, device=tasks.device)
+    return tasks, weights
+
+
+# ---------------------------------------------------------------- low-rank operators
+
+
+def exact_sum(terms: Sequence[tuple]) -> tuple[Tensor, Tensor]:
+    """Σ cᵢ·sᵢ·Bᵢ·Aᵢ exactly, kept low-rank: ``A = [A₁; …]``, ``B = [c₁s₁B₁ | …]``.
+
+    The result has rank Σ rᵢ and scaling 1. Coefficients and scalings go into B
+    only, so negation is (A, −B), the paper's negation operator. Terms may have
+    different ranks; every term must cover every module of the group.
+    """
+    lora_terms = _as_terms(terms)
+    group = lora_terms[0].A.shape[0]
+    blocks_A, blocks_B = [], []
+    for term in lora_terms:
+        A, B = _f32(term.A), _f32(term.B)
+        blocks_A.append(A)
+        blocks_B.append(float(term.coef) * _per_module(term.scale, group, B) * B)
+    return torch.cat(blocks_A, dim=1), torch.cat(blocks_B, dim=2)
+
+
+def pem(terms: Sequence[tuple]) -> tuple[Tensor, Tensor]:
+    """The paper's parameter-space arithmetic: ``A = Σ|cᵢ|·Aᵢ``, ``B = Σ cᵢ·sᵢ·Bᵢ``.
+
+    For convex weights this is λθ₁ + (1−λ)θ₂ of Zhang et al. (2023); for c = −1
+    it is their negation (A, −B). It is *not* ΔW addition: cross terms Bⱼ·Aᵢ
+    appear. Ranks must be equal (the compiler reports that earlier, with a span).
+    """
+    lora_terms = _as_terms(terms)
+    _require_equal_ranks(lora_terms, "pem")
+    group = lora_terms[0].A.shape[0]
+    A = sum(abs(float(term.coef)) * _f32(term.A) for term in lora_terms)
+    B = sum(float(term.coef) * _per_module(term.scale, group, term.B) * _f32(term.B) for term in lora_terms)
+    return A, B
+
+
+def peft_linear(terms: Sequence[tuple]) -> tuple[Tensor, Tensor]:
+    """PEFT's ``add_weighted_adapter(combination_type="linear")``, for users migrating.
+
+    With wᵢ = cᵢ·sᵢ: ``A = Σ sign(wᵢ)·√|wᵢ|·Aᵢ``, ``B = Σ √|wᵢ|·Bᵢ``, scaling 1
+    (PEFT counts sign(0) as +1). Like :func:`pem`, not ΔW addition.
+    """
+    lora_terms = _as_terms(terms)
+    _require_equal_ranks(lora_terms, "peft_linear")
+    group = lora_terms[0].A.shape[0]
+    A = torch.zeros_like(_f32(lora_terms[0].A))
+    B = torch.zeros_like(_f32(lora_terms[0].B))
+    for term in lora_terms:
+        weight = float(term.coef) * _per_module(term.scale, group, A)
+        sign = torch.where(weight >= 0, 1.0, -1.0)
+        root = weight.abs().sqrt()
+        A = A + sign * root * _f32(term.A)
+        B = B + root * _f32(term.B)
+    return A, B
+
+
+def _require_equal_ranks(terms: Sequence[LoraTerm], operator: str) -> None:
+    ranks = sorted({term.A.shape[1] for term in terms})
+    if len(ranks) != 1:
+        raise ValueError(f"{operator} needs equal ranks on every module, got ranks {ranks}")
+
+
+# ---------------------------------------------------------------------- SVD
+
+
+def svd_from_factors(A: Tensor, B: Tensor, rank: int, clamp: float | None = None) -> tuple[Tensor, Tensor]:
+    """Best rank-k approximation of ``B·A`` per module, without forming ``B·A``.
+
+    ``B = Qb·Rb`` and ``Aᵀ = Qa·Ra`` (reduced QR), so ``B·A = Qb·(Rb·Raᵀ)·Qaᵀ``;
+    the SVD of the small R×R core ``Uc·Σ·Vcᵀ`` gives ``U = Qb·Uc``, ``V = Qa·Vc``.
+    Cost O((out + in)·R²) instead of O(out·in·min(out, in)) for a dense SVD.
+
+    Returns ``(A' = Vᵀ[g, k, in], B' = U·Σ[g, out, k])``, scaling 1 (PEFT's
+    convention), with ``k = min(rank, R, out, in)``: directions beyond the rank
+    of B·A carry zero singular values and are dropped rather than padded with
+    arbitrary null-space vectors. ``clamp`` is PEFT's ``svd_clamp`` (see
+    :func:`clamp_factors`); it matches PEFT exactly when ``rank ≤ R``.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    A, B = _f32(A), _f32(B)
+    q_b, r_b = torch.linalg.qr(B, mode="reduced")  # [g, out, m_b], [g, m_b, R]
+    q_a, r_a = torch.linalg.qr(A.transpose(1, 2), mode="reduced")  # [g, in, m_a], [g, m_a, R]
+    core = r_b @ r_a.transpose(1, 2)  # [g, m_b, m_a]
+    u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)
+    k = min(rank, sigma.shape[-1])
+    U = q_b @ u_core[..., :k]
+    Vh = vh_core[:, :k, :] @ q_a.transpose(1, 2)
+    return _finish_svd(U, sigma[:, :k], Vh, clamp)
+
+
+def svd_dense(delta: Tensor, rank: int, clamp: float | None = None) -> tuple[Tensor, Tensor]:
+    """Best rank-k approximation of dense deltas ``[g, out, in]`` (Eckart–Young).
+
+    For the outputs of dense operators (ties, DARE, …). Same split, sign
+    convention and clamp as :func:`svd_from_factors`; ``k = min(rank, out, in)``.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    U, sigma, Vh = torch.linalg.svd(_f32(delta), full_matrices=False)
+    k = min(rank, sigma.shape[-1])
+    return _finish_svd(U[..., :k], sigma[:, :k], Vh[:, :k, :], clamp)
+
+
+def _finish_svd(U: Tensor, sigma: Tensor, Vh: Tensor, clamp: float | None) -> tuple[Tensor, Tensor]:
+    """Fix signs, split as B = U·Σ, A = Vᵀ, then clamp: the shared tail of both SVDs."""
+    U, Vh = canonical_signs(U, Vh)
+    B = U * sigma.unsqueeze(1)
+    A = Vh
+    if clamp is not None:
+        B, A = clamp_factors(B, A, clamp)
+    return A, B
+
+
+def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each singular pair so that the largest-magnitude entry of its U column is positive.
+
+    An SVD is unique only up to the sign of each pair (uᵢ, vᵢ), and LAPACK,
+    cuSOLVER and our QR path each pick differently. B·A does not care, but
+    PEFT's clamp does (its quantile is not symmetric) and so do output bytes;
+    fixing the sign makes results the same on every backend.
+    """
+    pivot = U.abs().argmax(dim=1, keepdim=True)  # [g, 1, k]
+    signs = torch.sign(torch.gather(U, 1, pivot))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, Vh * signs.transpose(1, 2)
+
+
+# torch.quantile refuses rows longer than this.
+_QUANTILE_MAX_ROW = 2**24
+
+
+def clamp_factors(B: Tensor, A: Tensor, quantile: float) -> tuple[Tensor, Tensor]:
+    """PEFT's ``svd_clamp``: clamp ``U·Σ`` and ``Vᵀ`` to ``[−hi, hi]`` per module.
+
+    ``hi`` is the ``quantile`` of all values of ``U·Σ`` and ``Vᵀ`` flattened and
+    concatenated, exactly as ``LoraModel._svd_generalized_task_arithmetic_weighted_adapter``
+    (a *signed* quantile: for small q, hi < 0 and every value becomes hi, as in PEFT).
+    """
+    group = B.shape[0]
+    values = torch.cat([B.reshape(group, -1), A.reshape(group, -1)], dim=1)
+    hi = _rowwise_quantile(values, quantile).view(group, 1, 1)
+    return B.clamp(-hi, hi), A.clamp(-hi, hi)
+
+
+def _rowwise_quantile(values: Tensor, quantile: float) -> Tensor:
+    """``torch.quantile`` along dim 1, or the same formula by sorting for rows too long for it."""
+    if values.shape[1] <= _QUANTILE_MAX_ROW:
+        return torch.quantile(values, quantile, dim=1)
+    return _sorted_quantile(values, quantile)
+
+
+def _sorted_quantile(values: Tensor, quantile: float) -> Tensor:
+    """Linear-interpolation quantile (torch's default) for rows too long for ``torch.quantile``."""
+    ordered = values.sort(dim=1).values
+    position = quantile * (values.shape[1] - 1)
+    below = int(position)
+    above = min(below + 1, values.shape[1] - 1)
+    return torch.lerp(ordered[:, below], ordered[:, above], position - below)
+
+
+# ------------------------------------------------------------- dense operators
+
+
+def magnitude_mask(tasks: Tensor, density: float) -> Tensor:
+    """Keep the top ``int(density·numel)`` magnitudes of each task tensor of each module.
+
+    ``tasks`` is ``[..., out, in]``; each trailing matrix is pruned on its own,
+    as ``peft.utils.merge_utils.magnitude_based_pruning`` prunes one tensor.
+    Returns a boolean mask; density ≥ 1 keeps everything (PEFT warns, we don't).
+    """
+    _check_density(density)
+    if density >= 1:
+        return torch.ones_like(tasks, dtype=torch.bool)
+    flat = tasks.abs().flatten(start_dim=-2)
+    keep = int(density * flat.shape[-1])
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if keep > 0:
+        mask.scatter_(-1, flat.topk(keep, dim=-1).indices, True)
+    return mask.view_as(tasks)
+
+
+def module_generator(seed: int, module_name: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator for one module, seeded from sha256 of ``f"{seed}:{module_name}"`` (63 bits).
+
+    Seeding per module makes DARE's masks independent of grouping, batching and
+    execution order: the same recipe gives the same bytes.
+    """
+    digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def random_mask(tasks: Tensor, density: float, generators: Sequence[torch.Generator]) -> Tensor:
+    """DARE's Bernoulli(density) keep-mask for ``tasks[n, g, out, in]``, one generator per module.
+
+    Module j draws task 0's mask, then task 1's, … from ``generators[j]``, the
+    same calls in the same order as ``peft.utils.merge_utils.random_pruning``
+    on that module's task tensors: with a generator seeded like torch's global
+    one, the masks are identical. Masks are drawn on each generator's device.
+    """
+    count, group = tasks.shape[0], tasks.shape[1]
+    if len(generators) != group:
+        raise ValueError(f"need one generator per module: {group} modules, {len(generators)} generators")
+    mask = torch.empty(tasks.shape, dtype=torch.bool, device=tasks.device)
+    for module, generator in enumerate(generators):
+        probability = torch.full(tasks.shape[2:], density, dtype=COMPUTE_DTYPE, device=generator.device)
+        for task in range(count):
+            mask[task, module] = torch.bernoulli(probability, generator=generator).bool().to(tasks.device)
+    return mask
+
+
+def majority_sign_mask(tasks: Tensor, majority: Majority = "total") -> Tensor:
+    """TIES' sign election over the task dimension 0 (``calculate_majority_sign_mask``).
+
+    ``"total"`` elects the sign of Σ values, ``"frequency"`` the sign held by
+    more entries; zero elects +. Pruned (zero) entries never agree with the
+    elected sign, so they are not counted in the mean.
+    """
+    signs = tasks.sign()
+    if majority == "total":
+        magnitude = tasks.sum(dim=0)
+    elif majority == "frequency":
+        magnitude = signs.sum(dim=0)
+    else:
+        raise ValueError(f"majority must be 'total' or 'frequency', got {majority!r}")
+    elected = torch.where(magnitude >= 0, 1.0, -1.0)
+    return signs == elected
+
+
+def _weighted(tasks: Tensor, weights: Tensor | Sequence[float]) -> Tensor:
+    weights = torch.as_tensor(weights, dtype=COMPUTE_DTYPE, device=tasks.device)
+    return tasks * weights.view(-1, *([1] * (tasks.dim() - 1)))
+
+
+def _disjoint_mean(weighted: Tensor, agree: Tensor) -> Tensor:
+    """Mean over the terms that agree with the elected sign (``disjoint_merge``)."""
+    kept = agree.sum(dim=0).to(COMPUTE_DTYPE)
+    return (weighted * agree).sum(dim=0) / kept.clamp(min=1.0)
+
+
+def magnitude_prune(tasks: Tensor, weights: Tensor | Sequence[float], density: float) -> Tensor:
+    """``merge_utils.magnitude_prune``: Σ cᵢ·prune(ΔWᵢ); ``tasks[n, g, out, in]`` → ``[g, out, in]``."""
+    tasks = _f32(tasks)
+    return _weighted(tasks * magnitude_mask(tasks, density), weights).sum(dim=0)
+
+
+def ties(
+    tasks: Tensor, weights: Tensor | Sequence[float], density: float, majority: Majority = "total"
+) -> Tensor:
+    """``merge_utils.ties``: prune by magnitude, elect signs, mean of the agreeing weighted values.
+
+    As in PEFT, signs are elected on the *unweighted* pruned tensors, and the
+    result is a mean, not a sum, over agreeing terms.
+    """
+    tasks = _f32(tasks)
+    pruned = tasks * magnitude_mask(tasks, density)
+    return _disjoint_mean(_weighted(pruned, weights), majority_sign_mask(pruned, majority))
+
+
+def _dare_prune(tasks: Tensor, density: float, generators: Sequence[torch.Generator]) -> Tensor:
+    """Random drop with rescale by 1/density (``random_pruning(rescale=True)``)."""
+    _check_density(density)
+    if density >= 1:
+        return tasks
+    if density == 0:
+        raise ValueError("DARE density must be > 0: it rescales by 1/density")
+    return tasks * random_mask(tasks, density, generators) / density
+
+
+def dare_linear(
+    tasks: Tensor, weights: Tensor | Sequence[float], density: float, generators: Sequence[torch.Generator]
+) -> Tensor:
+    """``merge_utils.dare_linear``: Σ cᵢ·drop(ΔWᵢ)/density, one generator per module."""
+    tasks = _f32(tasks)
+    return _weighted(_dare_prune(tasks, density, generators), weights).sum(dim=0)
+
+
+def dare_ties(
+    tasks: Tensor,
+    weights: Tensor | Sequence[float],
+    density: float,
+    generators: Sequence[torch.Generator],
+    majority: Majority = "total",
+) -> Tensor:
+    """``merge_utils.dare_ties``: DARE's random drop, then TIES' sign election and disjoint mean."""
+    tasks = _f32(tasks)
+    pruned = _dare_prune(tasks, density, generators)
+    return _disjoint_mean(_weighted(pruned, weights), majority_sign_mask(pruned, majority))
+
+
+# --------------------------------------------------------------------- (IA)³
+
+
+def ia3_combine(terms: Sequence[tuple]) -> Tensor:
+    """``l = 1 + Σ cᵢ·(lᵢ − 1)``: arithmetic on the module's effect, l − 1.
+
+    For convex weights this equals PEFT's weighted sum Σ cᵢ·lᵢ (and the paper's
+    addition); for c = −1 it is the negation 2 − l.
+    """
+    if not terms:
+        raise ValueError("a combination needs at least one term")
+    ia3_terms = [Ia3Term(*term) for term in terms]
+    effect = sum(float(term.coef) * (_f32(term.l) - 1.0) for term in ia3_terms)
+    return 1.0 + effect
