@@ -1,0 +1,112 @@
+"""The recipe's outward schema (format version 1), as pydantic models.
+
+It validates the shape of a loaded recipe (types, unknown keys, required keys) and
+generates the JSON Schema that `peftdsl schema` prints for editors. Positions are
+not pydantic's business: `build` maps each error's `loc` back to a YAML span.
+Semantics (names, expressions, kinds) are checked by later stages, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSIONS = (1,)
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    # Strict: YAML `rank: "16"` is a string and says so; extra keys are errors.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class AdapterSpec(_Strict):
+    """A PEFT adapter directory, or `hf:org/name[@revision]` (long form)."""
+
+    path: str = Field(description="adapter directory, relative to the recipe's folder, or hf:org/name[@rev]")
+    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = Field(
+        None, description="pin of adapter_model.safetensors (lowercase hex)")
+    kind: Literal["lora", "ia3"] | None = Field(None, description="declared kind, checked against the files")
+    rank: PositiveInt | None = Field(None, description="declared LoRA rank, checked against the files")
+
+
+class OutputSpec(_Strict):
+    """Where a composition is written: a PEFT adapter directory or a merged model."""
+
+    path: str
+    merge: bool = Field(False, description="write a whole model with the delta folded into `base`")
+    dtype: Dtype | None = Field(None, description="dtype of the written tensors (default: the inputs')")
+
+
+class EvalSpec(_Strict):
+    """One evaluation target (DESIGN §4)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    models: list[str] = Field(min_length=1, description="adapters, compositions, or `base`")
+    metric: Literal["perplexity", "accuracy", "generate"]
+    data: str = Field(description=".txt (a sequence per line) or .jsonl")
+    batch_size: PositiveInt = 8
+    max_length: PositiveInt | None = None
+    limit: PositiveInt | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    prompt_field: str = "prompt"
+    labels: dict[str, str] | None = Field(None, description="label -> verbalizer, for accuracy")
+    max_new_tokens: PositiveInt = 32
+    do_sample: bool = False
+    dtype: Dtype | None = None
+
+
+class SelectSpec(_Strict):
+    eval: str
+    model: str
+    goal: Literal["max", "min"]
+
+
+class SweepSpec(BaseModel):
+    """A grid over params: `param: [values…]`, and how to pick the best point."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    __pydantic_extra__: dict[str, Annotated[list[float], Field(min_length=1)]]
+    select: SelectSpec | None = None
+
+
+class RecipeSpec(_Strict):
+    """A peftdsl recipe, format version 1."""
+
+    peftdsl: Literal[1] = Field(description="format version")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    base: str | None = Field(None, description="a Hugging Face model directory (or hf:org/name[@rev])")
+    seed: int = Field(0, description="seeds randomised methods (dare)")
+    adapters: dict[str, AdapterSpec] = Field(default_factory=dict)
+    params: dict[str, float] = Field(default_factory=dict)
+    compose: dict[str, str] = Field(default_factory=dict)
+    outputs: dict[str, OutputSpec] = Field(default_factory=dict)
+    eval: list[EvalSpec] = Field(default_factory=list)
+    sweep: SweepSpec | None = None
+
+
+# Sections whose values may be written in a short form (a bare path).
+SHORT_FORMS = {"adapters": "path", "outputs": "path"}
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the recipe format, with the short forms editors should accept."""
+    schema = RecipeSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "peftdsl recipe"
+    props = schema["properties"]
+    for section in SHORT_FORMS:
+        ref = props[section]["additionalProperties"]
+        props[section]["additionalProperties"] = {"anyOf": [{"type": "string"}, ref]}
+        props[section]["propertyNames"] = {"pattern": NAME_PATTERN}
+    props["params"]["propertyNames"] = {"pattern": NAME_PATTERN}
+    props["compose"]["propertyNames"] = {"pattern": NAME_PATTERN}
+    return schema
