@@ -1,0 +1,186 @@
+"""Stage 6: reduce every composition to its canonical form Σ cᵢ·xᵢ.
+
+Scalars fold (params included, after `--set` and sweep values), like terms collect
+(`a + a` → `2·a`), compositions inline into the ones that use them, and terms whose
+weight is zero are dropped with a warning. Function calls become leaves
+(`OpLeaf`) over the canonical form of their argument, so equal calls are one leaf.
+Semantics (DESIGN §2) are defined on this form.
+"""
+
+from __future__ import annotations
+
+import math
+
+from peftdsl import ir
+from peftdsl.check import Analysis
+from peftdsl.diagnostics import Sink
+from peftdsl.functions import FUNCTIONS
+from peftdsl.spans import Span
+
+Kind = ir.Kind
+Value = float | ir.Combination | None  # None: not computable (an error was reported)
+
+
+def canonicalise(analysis: Analysis, sink: Sink, params: dict[str, float] | None = None) -> dict[str, ir.Combination]:
+    """Canonical forms of every composition (and of every adapter, as `1·a`)."""
+    values = {p.name: p.value for p in analysis.recipe.params}
+    values.update(params or {})
+    folder = _Canonicaliser(analysis, values, sink)
+    forms: dict[str, ir.Combination] = {}
+    for adapter in analysis.recipe.adapters:
+        kind = analysis.kinds.get(adapter.name)
+        if kind is not None:
+            forms[adapter.name] = folder.leaf(adapter.name, kind, adapter.name_span)
+    for comp in analysis.recipe.compose:
+        kind = analysis.kinds.get(comp.name)
+        if kind is None:
+            continue
+        value = folder.of(comp.expr)
+        if isinstance(value, ir.Combination):
+            forms[comp.name] = value
+            folder.compositions[comp.name] = value
+    analysis.canonical = forms
+    return forms
+
+
+class _Canonicaliser:
+    def __init__(self, analysis: Analysis, params: dict[str, float], sink: Sink):
+        self.analysis, self.params, self.sink = analysis, params, sink
+        self.compositions: dict[str, ir.Combination] = {}
+
+    def leaf(self, name: str, kind: Kind, span: Span) -> ir.Combination:
+        term = ir.Term(coef=1.0, leaf=ir.AdapterLeaf(name=name, span=span), span=span)
+        return ir.Combination(kind=kind, terms=(term,), span=span)
+
+    def of(self, expr: ir.Expr) -> Value:
+        return getattr(self, f"_{type(expr).__name__.lower()}")(expr)
+
+    def _number(self, expr: ir.Number) -> Value:
+        return expr.value
+
+    def _name(self, expr: ir.Name) -> Value:
+        if expr.id in self.params:
+            return self._finite(self.params[expr.id], expr.span)
+        if expr.id in self.compositions:
+            return self.compositions[expr.id]
+        kind = self.analysis.kinds.get(expr.id)
+        if kind is None or self.analysis.recipe.adapter(expr.id) is None:
+            return None
+        return self.leaf(expr.id, kind, expr.span)
+
+    def _neg(self, expr: ir.Neg) -> Value:
+        value = self.of(expr.operand)
+        if value is None:
+            return None
+        return -value if isinstance(value, float) else self._combine([(-1.0, value)], expr.span)
+
+    def _binary(self, expr: ir.Binary) -> Value:
+        left, right = self.of(expr.left), self.of(expr.right)
+        if left is None or right is None:
+            return None
+        if isinstance(left, float) and isinstance(right, float):
+            return self._fold(expr, left, right)
+        if expr.op in "+-" and isinstance(left, ir.Combination) and isinstance(right, ir.Combination):
+            return self._combine([(1.0, left), (1.0 if expr.op == "+" else -1.0, right)], expr.span)
+        if expr.op == "*":
+            scale, comb = (left, right) if isinstance(left, float) else (right, left)
+            if isinstance(scale, float) and isinstance(comb, ir.Combination):
+                return self._combine([(scale, comb)], expr.span)
+        if expr.op == "/" and isinstance(left, ir.Combination) and isinstance(right, float):
+            if right == 0:
+                self._division_by_zero(expr)
+                return None
+            return self._combine([(1.0 / right, left)], expr.span)
+        return None  # a type error, reported by the checker
+
+    def _fold(self, expr: ir.Binary, left: float, right: float) -> float | None:
+        if expr.op == "/" and right == 0:
+            self._division_by_zero(expr)
+            return None
+        ops = {"+": left + right, "-": left - right}
+        result = ops.get(expr.op, left * right if expr.op == "*" else (left / right if right else 0.0))
+        return self._finite(result, expr.span)
+
+    def _division_by_zero(self, expr: ir.Binary) -> None:
+        self.sink.emit("T407", "division by zero", expr.right.span,
+                       label=f"`{expr.right.span.text}` is 0 here", help="check the params and --set values")
+
+    def _finite(self, value: float, span: Span) -> float | None:
+        if math.isfinite(value):
+            return value
+        self.sink.emit("T408", f"`{span.text}` is {value}, not a finite number", span)
+        return None
+
+    def _combine(self, parts: list[tuple[float, ir.Combination]], span: Span) -> ir.Combination | None:
+        """Σ (scale × combination), like terms collected, zeros dropped with a warning."""
+        totals: dict[ir.Leaf, list[float]] = {}
+        first: dict[ir.Leaf, ir.Term] = {}
+        kinds = set()
+        for scale, comb in parts:
+            kinds.add(comb.kind)
+            for term in comb.terms:
+                totals.setdefault(term.leaf, []).append(scale * term.coef)
+                first.setdefault(term.leaf, term)
+        terms, cancelled = [], []
+        for leaf, contributions in totals.items():
+            coef = math.fsum(contributions)
+            if not math.isfinite(coef):
+                self.sink.emit("T408", f"the weight of `{ir.leaf_text(leaf)}` overflows", span)
+                return None
+            if abs(coef) <= 1e-12 * math.fsum(abs(c) for c in contributions):
+                cancelled.append(leaf)
+                continue
+            terms.append(ir.Term(coef=coef, leaf=leaf, span=first[leaf].span))
+        if cancelled and not terms:
+            self.sink.emit("T410", f"`{span.text}` cancels out entirely: its delta is zero", span,
+                           help="check the signs and weights")
+        for leaf in cancelled if terms else ():
+            self.sink.emit("T409", f"`{ir.leaf_text(leaf)}` cancels out here: its total weight is 0", span,
+                           help="remove it, or check the signs and weights")
+        terms.sort(key=lambda t: ir.leaf_text(t.leaf))
+        kind = Kind.DENSE if Kind.DENSE in kinds else kinds.pop()
+        return ir.Combination(kind=kind, terms=tuple(terms), span=span)
+
+    def _call(self, expr: ir.Call) -> Value:
+        function = FUNCTIONS.get(expr.func)
+        if function is None or len(expr.args) != 1:
+            return None
+        arg = self.of(expr.args[0])
+        if not isinstance(arg, ir.Combination):
+            return None
+        options = self._options(expr, function)
+        if options is None:
+            return None
+        leaf = ir.OpLeaf(func=expr.func, arg=arg, options=options, kind=function.returns, span=expr.span)
+        term = ir.Term(coef=1.0, leaf=leaf, span=expr.span)
+        return ir.Combination(kind=function.returns, terms=(term,), span=expr.span)
+
+    def _options(self, expr: ir.Call, function) -> tuple[tuple[str, object], ...] | None:
+        options: dict[str, object] = {}
+        ok = True
+        for keyword in expr.keywords:
+            spec = function.keyword(keyword.name)
+            if spec is None:
+                ok = False
+                continue
+            value = keyword.value.value if isinstance(keyword.value, ir.String) else self.of(keyword.value)
+            if value is None or isinstance(value, ir.Combination):
+                ok = False
+                continue
+            problem = spec.problem(value)
+            if problem:
+                self.sink.emit("T406", f"`{keyword.name}` {problem}, got {_show(value)}", keyword.value.span,
+                               help=spec.description)
+                ok = False
+                continue
+            options[keyword.name] = int(value) if spec.type == "int" else value
+        for spec in function.keywords:
+            if spec.name not in options and spec.default is not None:
+                options[spec.name] = spec.default
+        return tuple(sorted(options.items())) if ok else None
+
+
+def _show(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)

@@ -1,0 +1,480 @@
+"""Stage 5: resolve names, read input metadata, and type-check, before any weight is read.
+
+Every check appends to the sink and goes on, so one lint run reports every error.
+Kinds follow DESIGN §2: `scalar`, `lora`, `ia3`, `dense`; `None` means "unknown"
+(an input that could not be read), which unifies with anything so that one bad
+input does not cascade into a screenful of errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from peftdsl import ir
+from peftdsl.diagnostics import Label, Severity, Sink
+from peftdsl.functions import FUNCTIONS
+from peftdsl.inputs import AdapterInfo, BaseInfo, InputError, expected_weight_shape, locate_adapter, read_adapter, read_base
+from peftdsl.spans import Span
+
+Kind = ir.Kind
+_ARTICLE = {Kind.LORA: "a LoRA adapter", Kind.IA3: "an (IA)³ adapter", Kind.DENSE: "a dense delta",
+            Kind.SCALAR: "a number"}
+
+
+@dataclass
+class Analysis:
+    """What the front end knows about a recipe, stage by stage."""
+
+    recipe: ir.Recipe
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    base: BaseInfo | None = None
+    kinds: dict[str, Kind | None] = field(default_factory=dict)  # adapters and compositions
+    canonical: dict[str, ir.Combination] = field(default_factory=dict)
+
+    def declared_rank(self, name: str) -> int | None:
+        adapter = self.recipe.adapter(name)
+        return adapter.rank if adapter else None
+
+
+def describe(kind: Kind | None) -> str:
+    return _ARTICLE.get(kind, "of unknown kind")
+
+
+# ---------------------------------------------------------------- names
+
+
+def resolve_names(recipe: ir.Recipe, sink: Sink) -> None:
+    """Every name is defined before use; outputs, evals and sweeps name things that exist."""
+    sources = {a.name for a in recipe.adapters} | {p.name for p in recipe.params}
+    later = {c.name: c for c in recipe.compose}
+    available: set[str] = set()
+    used: set[str] = set()
+    for comp in recipe.compose:
+        later.pop(comp.name, None)
+        for node in ir.walk(comp.expr):
+            if isinstance(node, ir.Call):
+                _check_function_name(node, sink)
+            elif isinstance(node, ir.Name):
+                used.add(node.id)
+                _check_name(node, comp, sources | available, later, sink)
+        available.add(comp.name)
+    defined = sources | available
+    for out in recipe.outputs:
+        used.add(out.name)
+        if out.name not in available and out.name not in {a.name for a in recipe.adapters}:
+            _unknown(sink, "N206", f"output `{out.name}` names no composition", out.name_span,
+                     out.name, available, "outputs are keyed by the name of a composition")
+    for target in recipe.evals:
+        for model, span in zip(target.models, target.model_spans):
+            used.add(model)
+            if model != "base" and model not in defined - {p.name for p in recipe.params}:
+                _unknown(sink, "N209", f"eval `{target.name}` names unknown model `{model}`", span, model,
+                         available | {a.name for a in recipe.adapters} | {"base"},
+                         "models are `base`, adapters or compositions")
+    _check_sweep(recipe, sink, used)
+    for item in (*recipe.adapters, *recipe.params):
+        if item.name not in used:
+            what = "adapter" if isinstance(item, ir.Adapter) else "param"
+            sink.emit("N208", f"{what} `{item.name}` is never used", item.name_span,
+                      help="remove it, or use it in a composition")
+
+
+def _check_function_name(node: ir.Call, sink: Sink) -> None:
+    if node.func not in FUNCTIONS:
+        _unknown(sink, "N207", f"unknown function `{node.func}`", node.func_span, node.func, FUNCTIONS,
+                 "functions: " + ", ".join(FUNCTIONS))
+
+
+def _check_name(node: ir.Name, comp: ir.Composition, defined: set[str], later: dict, sink: Sink) -> None:
+    if node.id in defined:
+        return
+    if node.id == comp.name:
+        sink.emit("N203", f"composition `{comp.name}` uses itself", node.span,
+                  help="a composition can use adapters, params and compositions defined above it")
+    elif node.id in later:
+        sink.emit("N202", f"`{node.id}` is used before it is defined", node.span,
+                  labels=(Label(later[node.id].name_span, "defined here, later"),),
+                  help="compositions are evaluated in order: move this one below it")
+    elif node.id == "base":
+        sink.emit("N201", "`base` is the base model, not an adapter", node.span,
+                  help="the base model is what every delta is added to; it has no delta of its own")
+    elif node.id in FUNCTIONS:
+        sink.emit("N201", f"`{node.id}` is a function", node.span, help=f"call it: `{node.id}(x, …)`")
+    else:
+        _unknown(sink, "N201", f"undefined name `{node.id}`", node.span, node.id, defined,
+                 "names are defined under adapters, params or compose")
+
+
+def _unknown(sink: Sink, code: str, message: str, span: Span, name: str, known, fallback: str) -> None:
+    guess = difflib.get_close_matches(name, sorted(known), n=1)
+    sink.emit(code, message, span, help=f"did you mean `{guess[0]}`?" if guess else fallback)
+
+
+def _check_sweep(recipe: ir.Recipe, sink: Sink, used: set[str]) -> None:
+    sweep = recipe.sweep
+    if sweep is None:
+        return
+    params = {p.name for p in recipe.params}
+    for (name, _), span in zip(sweep.grid, sweep.param_spans):
+        used.add(name)
+        if name not in params:
+            guess = difflib.get_close_matches(name, sorted(params), n=1)
+            sink.emit("E502", f"sweep over `{name}`, which is not a param", span,
+                      help=f"did you mean `{guess[0]}`?" if guess else "declare it under `params:`")
+    if not sweep.grid:
+        sink.emit("E502", "sweep has no params to vary", sweep.span, help="add `param: [values…]`")
+    select = sweep.select
+    if select is None:
+        return
+    target = next((e for e in recipe.evals if e.name == select.eval), None)
+    if target is None:
+        sink.emit("E502", f"`select` names unknown eval `{select.eval}`", select.span,
+                  help="choose one of: " + (", ".join(e.name for e in recipe.evals) or "(no evals defined)"))
+    elif select.model not in target.models:
+        sink.emit("E502", f"`select` names model `{select.model}`, which eval `{select.eval}` does not evaluate",
+                  select.span, help="models of that eval: " + ", ".join(target.models))
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_inputs(analysis: Analysis, sink: Sink, *, use_files: bool, allow_pickle: bool = False) -> None:
+    """Read adapters' and base's metadata; check declarations, base models and shapes."""
+    recipe = analysis.recipe
+    for adapter in recipe.adapters:
+        info = _read_one(adapter, sink, use_files, allow_pickle)
+        if info is not None:
+            analysis.adapters[adapter.name] = info
+            _check_declared(adapter, info, sink)
+        analysis.kinds[adapter.name] = info.kind if info else adapter.kind
+    if use_files and recipe.base_path is not None:
+        try:
+            analysis.base = read_base(recipe.base_path)
+        except InputError as err:
+            sink.emit(err.code, err.message, recipe.base_span, help=err.help)
+    elif use_files and recipe.base and recipe.base.startswith("hf:"):
+        from peftdsl.inputs import resolve_hf
+
+        try:
+            analysis.base = read_base(resolve_hf(recipe.base))
+        except InputError as err:
+            sink.emit(err.code, err.message, recipe.base_span, help=err.help)
+    _check_base_names(analysis, sink)
+    _check_shapes(analysis, sink)
+
+
+def _read_one(adapter: ir.Adapter, sink: Sink, use_files: bool, allow_pickle: bool) -> AdapterInfo | None:
+    if not use_files:
+        if adapter.kind is None:
+            sink.emit("I308", f"adapter `{adapter.name}` declares no `kind`, so --no-inputs cannot check it",
+                      adapter.name_span, help="declare `kind: lora` (and `rank:`) in the long form")
+        return None
+    try:
+        return read_adapter(adapter.name, locate_adapter(adapter), allow_pickle=allow_pickle)
+    except InputError as err:
+        sink.emit(err.code, err.message, adapter.span, help=err.help)
+        return None
+
+
+def _check_declared(adapter: ir.Adapter, info: AdapterInfo, sink: Sink) -> None:
+    if adapter.kind is not None and adapter.kind is not info.kind:
+        sink.emit("I305", f"adapter `{adapter.name}` is declared `{adapter.kind}` but its files hold "
+                  f"{describe(info.kind)}", adapter.name_span, help=f"declare `kind: {info.kind}`")
+    if adapter.rank is not None and info.kind is Kind.LORA and adapter.rank != info.rank:
+        sink.emit("I305", f"adapter `{adapter.name}` is declared rank {adapter.rank} but its config says "
+                  f"r={info.rank}", adapter.name_span, help=f"declare `rank: {info.rank}`")
+
+
+def _check_base_names(analysis: Analysis, sink: Sink) -> None:
+    """Differing or missing `base_model_name_or_path` is a warning: hub ids and paths name one model."""
+    named = {n: i.base_model for n, i in analysis.adapters.items()}
+    distinct = {v for v in named.values() if v}
+    if len(distinct) > 1 or (distinct and None in named.values()):
+        first = next(iter(analysis.adapters))
+        for name, value in named.items():
+            if value != named[first]:
+                adapter = analysis.recipe.adapter(name)
+                sink.emit("I306", f"adapter `{name}` was trained on `{value}`, adapter `{first}` on "
+                          f"`{named[first]}`", adapter.name_span,
+                          help="check that both fit the same base model; shapes are checked separately")
+
+
+def _check_shapes(analysis: Analysis, sink: Sink) -> None:
+    seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
+    recipe = analysis.recipe
+    for name, info in analysis.adapters.items():
+        adapter = recipe.adapter(name)
+        for module in info.modules.values():
+            shape = (module.out_features, module.in_features)
+            if module.name in seen and seen[module.name][1] != shape and info.kind is Kind.LORA:
+                other, other_shape, _ = seen[module.name]
+                sink.emit("I307", f"module `{module.name}` is {_shape(shape)} in `{name}` but "
+                          f"{_shape(other_shape)} in `{other}`", adapter.span,
+                          help="adapters must be trained on the same base model")
+                break
+            seen.setdefault(module.name, (name, shape, module.feedforward))
+            if analysis.base is not None and analysis.base.weights and not _fits_base(analysis.base, module):
+                sink.emit("I307", _base_mismatch(analysis.base, module, name), adapter.span,
+                          help="the adapter was trained on another base model")
+                break
+
+
+def _fits_base(base: BaseInfo, module) -> bool:
+    weight = base.module_weight(module.name)
+    if weight is None:
+        return False
+    if module.rank == 0:  # (IA)³: one dimension is known
+        size = module.in_features if module.feedforward else module.out_features
+        return size in weight.shape
+    return tuple(weight.shape) in {expected_weight_shape(module), (module.out_features, module.in_features),
+                                   (module.in_features, module.out_features)}
+
+
+def _base_mismatch(base: BaseInfo, module, adapter: str) -> str:
+    weight = base.module_weight(module.name)
+    if weight is None:
+        return f"adapter `{adapter}` adapts `{module.name}`, which the base model does not have"
+    return (f"module `{module.name}` is {_shape((module.out_features, module.in_features))} in `{adapter}` "
+            f"but its base weight is {_shape(weight.shape)}")
+
+
+def _shape(shape) -> str:
+    return "×".join(map(str, shape))
+
+
+# ---------------------------------------------------------------- kinds
+
+
+def infer_kinds(analysis: Analysis, sink: Sink) -> None:
+    """Give every composition a kind; report operators and calls that do not type."""
+    for comp in analysis.recipe.compose:
+        kind = _Kinds(analysis, sink).of(comp.expr)
+        if kind is Kind.SCALAR:
+            sink.emit("T412", f"composition `{comp.name}` is a number, not an adapter", comp.span,
+                      help="put numbers under `params:`")
+            kind = None
+        analysis.kinds[comp.name] = kind
+
+
+class _Kinds:
+    def __init__(self, analysis: Analysis, sink: Sink):
+        self.analysis, self.sink = analysis, sink
+        self.params = {p.name for p in analysis.recipe.params}
+
+    def of(self, expr: ir.Expr) -> Kind | None:
+        return getattr(self, f"_{type(expr).__name__.lower()}")(expr)
+
+    def _number(self, expr: ir.Number) -> Kind:
+        return Kind.SCALAR
+
+    def _name(self, expr: ir.Name) -> Kind | None:
+        if expr.id in self.params:
+            return Kind.SCALAR
+        return self.analysis.kinds.get(expr.id)
+
+    def _neg(self, expr: ir.Neg) -> Kind | None:
+        return self.of(expr.operand)
+
+    def _binary(self, expr: ir.Binary) -> Kind | None:
+        left, right = self.of(expr.left), self.of(expr.right)
+        if left is None or right is None:  # already reported, or an unreadable input
+            return None
+        if expr.op in "+-":
+            return self._add(expr, left, right)
+        return self._scale(expr, left, right)
+
+    def _add(self, expr: ir.Binary, left: Kind, right: Kind) -> Kind | None:
+        if left is right:
+            return left
+        if {left, right} == {Kind.LORA, Kind.DENSE}:
+            return Kind.DENSE
+        verb = "add" if expr.op == "+" else "subtract"
+        if Kind.SCALAR in (left, right):
+            self.sink.emit("T402", f"cannot {verb} a number and an adapter", expr.span,
+                           help="scale adapters instead: `0.5 * a + 0.5 * b`")
+            return None
+        self.sink.emit("T401", f"cannot {verb} `{left}` and `{right}` adapters", expr.right.span,
+                       label=self._what(expr.right, right), labels=(Label(expr.left.span, self._what(expr.left, left)),),
+                       help="compose each kind separately, or convert with svd(...) first"
+                       if Kind.IA3 not in (left, right) else "(IA)³ and LoRA deltas cannot be added")
+        return None
+
+    def _scale(self, expr: ir.Binary, left: Kind, right: Kind) -> Kind | None:
+        if expr.op == "*" and Kind.SCALAR in (left, right):
+            return right if left is Kind.SCALAR else left
+        if expr.op == "/" and right is Kind.SCALAR:
+            return left
+        if expr.op == "/":
+            self.sink.emit("T402", "cannot divide by an adapter", expr.right.span,
+                           label=self._what(expr.right, right), help="divide by a number: `a / 2`")
+        else:
+            self.sink.emit("T402", "cannot multiply two adapters", expr.span,
+                           help="weight adapters by numbers: `0.5 * a`; products of adapters are not linear")
+        return None
+
+    def _what(self, expr: ir.Expr, kind: Kind) -> str:
+        if isinstance(expr, ir.Name):
+            return f"`{expr.id}` is {describe(kind)}"
+        return f"this is {describe(kind)}"
+
+    def _call(self, expr: ir.Call) -> Kind | None:
+        function = FUNCTIONS.get(expr.func)
+        kinds = [self.of(a) for a in expr.args]
+        for keyword in expr.keywords:
+            if not isinstance(keyword.value, ir.String):
+                self._check_scalar_keyword(keyword)
+        if function is None:
+            return None
+        if len(expr.args) != 1:
+            self.sink.emit("T406", f"`{expr.func}` takes one expression, got {len(expr.args)}", expr.span,
+                           help=f"write `{expr.func}(0.5 * a + 0.5 * b{', …' if function.keywords else ''})`")
+            return function.returns
+        self._check_keywords(expr, function)
+        kind = kinds[0]
+        if kind is not None and kind not in function.accepts:
+            accepted = " or ".join(sorted(k.value for k in function.accepts))
+            self.sink.emit("T413", f"`{expr.func}` takes {accepted}, not {describe(kind)}", expr.args[0].span,
+                           help=function.summary)
+        return function.returns
+
+    def _check_scalar_keyword(self, keyword: ir.Keyword) -> None:
+        if self.of(keyword.value) not in (Kind.SCALAR, None):
+            self.sink.emit("T406", f"argument `{keyword.name}` must be a number", keyword.value.span)
+
+    def _check_keywords(self, expr: ir.Call, function) -> None:
+        given = set()
+        for keyword in expr.keywords:
+            spec = function.keyword(keyword.name)
+            if spec is None:
+                known = [k.name for k in function.keywords]
+                guess = difflib.get_close_matches(keyword.name, known, n=1)
+                self.sink.emit("T406", f"`{expr.func}` has no argument `{keyword.name}`", keyword.span,
+                               help=f"did you mean `{guess[0]}`?" if guess else
+                               (f"its arguments: {', '.join(known)}" if known else f"`{expr.func}` takes none"))
+            elif keyword.name in given:
+                self.sink.emit("T406", f"argument `{keyword.name}` is given twice", keyword.span)
+            elif (spec.type == "choice") != isinstance(keyword.value, ir.String):
+                need = "a quoted string" if spec.type == "choice" else "a number"
+                self.sink.emit("T406", f"argument `{keyword.name}` must be {need}", keyword.value.span,
+                               help=f"one of {', '.join(repr(c) for c in spec.choices)}" if spec.choices else "")
+            given.add(keyword.name)
+        for spec in function.keywords:
+            if spec.required and spec.name not in given:
+                self.sink.emit("T406", f"`{expr.func}` needs `{spec.name}=`", expr.span,
+                               help=f"`{spec.name}`: {spec.description}")
+
+
+# ---------------------------------------------------------------- after canonicalisation
+
+
+def op_leaves(comb: ir.Combination):
+    """Every OpLeaf reachable from a combination, innermost first, each once."""
+    seen: dict[ir.OpLeaf, None] = {}
+
+    def visit(c: ir.Combination) -> None:
+        for term in c.terms:
+            if isinstance(term.leaf, ir.OpLeaf) and term.leaf not in seen:
+                visit(term.leaf.arg)
+                seen[term.leaf] = None
+
+    visit(comb)
+    return list(seen)
+
+
+def check_compositions(analysis: Analysis, sink: Sink) -> None:
+    """Checks that need canonical forms: ranks for pem/peft_linear, (IA)³ flags, outputs."""
+    leaves: dict[ir.OpLeaf, None] = {}
+    for comb in analysis.canonical.values():
+        leaves.update(dict.fromkeys(op_leaves(comb)))
+    for leaf in leaves:
+        _check_op(analysis, leaf, sink)
+    for name, comb in analysis.canonical.items():
+        if comb.kind is Kind.IA3:
+            _check_feedforward(analysis, comb, sink)
+    _check_outputs(analysis, sink)
+    _check_evals(analysis, sink)
+
+
+def _check_op(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
+    function = FUNCTIONS[leaf.func]
+    if function.adapters_only:
+        ops = [t for t in leaf.arg.terms if isinstance(t.leaf, ir.OpLeaf)]
+        if ops:
+            sink.emit("T413", f"`{leaf.func}` combines source adapters, not `{ir.leaf_text(ops[0].leaf)}`",
+                      ops[0].span, help=f"`{leaf.func}` acts on the A and B factors of the adapters it is given")
+            return
+    if function.equal_ranks:
+        _check_equal_ranks(analysis, leaf, sink)
+    if leaf.func == "pem":
+        sink.emit_once("T411", "`pem` adds A and B factors separately (the paper's parameter-space arithmetic); "
+                       "its delta has cross terms Bⱼ·Aᵢ and is not the sum of the adapters' deltas", leaf.span,
+                       help="write the expression without `pem(...)` for the exact sum of deltas")
+
+
+def _check_equal_ranks(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
+    names = [t.leaf.name for t in leaf.arg.terms if isinstance(t.leaf, ir.AdapterLeaf)]
+    infos = [analysis.adapters.get(n) for n in names]
+    if all(infos):
+        ranks: dict[str, dict[str, int]] = {}
+        for name, info in zip(names, infos):
+            for module in info.modules.values():
+                ranks.setdefault(module.name, {})[name] = module.rank
+        for module, by_adapter in sorted(ranks.items()):
+            if len(set(by_adapter.values())) > 1:
+                shown = ", ".join(f"`{n}` r={r}" for n, r in by_adapter.items())
+                sink.emit("T404", f"`{leaf.func}` needs equal ranks, but module `{module}` has {shown}",
+                          leaf.span, help="use the exact sum (no function), or svd(..., rank=N) first")
+                return
+        return
+    declared = {n: analysis.declared_rank(n) for n in names}
+    if len({r for r in declared.values() if r is not None}) > 1:
+        shown = ", ".join(f"`{n}` rank {r}" for n, r in declared.items() if r is not None)
+        sink.emit("T404", f"`{leaf.func}` needs equal ranks, but {shown}", leaf.span,
+                  help="use the exact sum (no function), or svd(..., rank=N) first")
+
+
+def _check_feedforward(analysis: Analysis, comb: ir.Combination, sink: Sink) -> None:
+    flags: dict[str, tuple[str, bool]] = {}
+    for term in comb.terms:
+        info = analysis.adapters.get(getattr(term.leaf, "name", ""))
+        if info is None:
+            continue
+        for module in info.modules.values():
+            other = flags.setdefault(module.name, (info.name, module.feedforward))
+            if other[1] != module.feedforward:
+                sink.emit("T405", f"module `{module.name}` is feed-forward in `{other[0] if other[1] else info.name}` "
+                          f"but not in `{info.name if other[1] else other[0]}`", comb.span,
+                          help="(IA)³ adapters must agree on `feedforward_modules` to be composed")
+                return
+
+
+def _check_outputs(analysis: Analysis, sink: Sink) -> None:
+    recipe = analysis.recipe
+    for out in recipe.outputs:
+        comb = analysis.canonical.get(out.name)
+        if comb is None:
+            continue
+        if comb.kind is Kind.DENSE and not out.merge:
+            sink.emit("T403", f"`{out.name}` is a dense delta and cannot be written as an adapter", out.span,
+                      help=f"write `svd({out.name}, rank=N)` as a composition, or set `merge: true`")
+        if not comb.terms:
+            sink.emit("T410", f"output `{out.name}` would be empty: its delta is zero", out.span,
+                      severity=Severity.ERROR)
+        if out.merge and recipe.base is None:
+            sink.emit("Y005", f"output `{out.name}` has `merge: true` but the recipe names no `base`", out.span,
+                      help="add `base: path/to/model`")
+
+
+def _check_evals(analysis: Analysis, sink: Sink) -> None:
+    recipe = analysis.recipe
+    for target in recipe.evals:
+        if recipe.base is None:
+            sink.emit("E501", f"eval `{target.name}` needs a `base` model to run on", target.span,
+                      help="add `base: path/to/model`")
+        suffix = target.data.suffix
+        if suffix not in (".txt", ".jsonl"):
+            sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`; data is .txt or .jsonl",
+                      target.span)
+        elif target.metric != "perplexity" and suffix == ".txt":
+            sink.emit("E501", f"metric `{target.metric}` reads rows from .jsonl, not .txt", target.span)

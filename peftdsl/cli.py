@@ -1,0 +1,227 @@
+"""The command line: `peftdsl lint | explain | schema | run | lock` (DESIGN §5).
+
+Exit status: 0 success, 1 the recipe has errors or a run failed on its inputs,
+2 usage error. User errors are diagnostics, never tracebacks; anything else is
+reported as an internal error. `lint`, `explain` and `schema` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from peftdsl import __version__
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+_MARKER = re.compile(r"^peftdsl\s*:", re.MULTILINE)
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as err:
+        print(f"peftdsl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("peftdsl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a message
+        return _internal_error(err)
+
+
+def _internal_error(err: BaseException) -> int:
+    if os.environ.get("PEFTDSL_DEBUG"):
+        raise err
+    print(f"peftdsl: internal error: {type(err).__name__}: {err}\n"
+          "this is a bug in peftdsl, not in your recipe; set PEFTDSL_DEBUG=1 for the traceback and "
+          "please report it", file=sys.stderr)
+    return EXIT_ERRORS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftdsl", description="Compose PEFT adapters with arithmetic.")
+    parser.add_argument("--version", action="version", version=f"peftdsl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lint = commands.add_parser("lint", help="check recipes without loading any weight")
+    lint.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="recipe files or folders")
+    lint.add_argument("--format", choices=("full", "concise", "json", "github", "sarif"), default="full")
+    lint.add_argument("--no-inputs", action="store_true", help="check with declared kinds/ranks only")
+    lint.add_argument("--strict", action="store_true", help="fail on warnings too")
+    lint.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    lint.set_defaults(handler=cmd_lint)
+
+    explain = commands.add_parser("explain", help="print the typed IR, canonical forms and plan")
+    explain.add_argument("recipe", type=Path)
+    explain.add_argument("--set", action="append", default=[], metavar="P=V", dest="sets")
+    explain.add_argument("--no-inputs", action="store_true")
+    explain.set_defaults(handler=cmd_explain)
+
+    schema = commands.add_parser("schema", help="print the recipe's JSON Schema")
+    schema.set_defaults(handler=cmd_schema)
+
+    run = commands.add_parser("run", help="compile, execute, write outputs, evaluate")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--set", action="append", default=[], metavar="P=V", dest="sets")
+    run.add_argument("--only", nargs="+", default=[], metavar="NAME")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    run.add_argument("--force", action="store_true", help="replace existing outputs")
+    run.add_argument("--no-eval", action="store_true")
+    run.add_argument("--report", type=Path, default=None, metavar="DIR")
+    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    run.add_argument("--locked", action="store_true", help="refuse adapters without sha256 pins")
+    run.add_argument("--allow-pickle", action="store_true", help="read .bin weights with weights_only=True")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(handler=cmd_run)
+
+    lock = commands.add_parser("lock", help="write sha256 pins into a recipe, keeping its layout")
+    lock.add_argument("recipe", type=Path)
+    lock.set_defaults(handler=cmd_lock)
+    return parser
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def parse_sets(sets: list[str]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in sets:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out.append((name.strip(), float(value)))
+        except ValueError:
+            raise UsageError(f"--set takes NAME=NUMBER, got `{item}`") from None
+    return tuple(out)
+
+
+def check_sets(analysis, sets) -> None:
+    params = {p.name for p in analysis.recipe.params}
+    for name, _ in sets:
+        if name not in params:
+            raise UsageError(f"--set {name}=…: the recipe has no param `{name}`"
+                             + (f" (params: {', '.join(sorted(params))})" if params else ""))
+
+
+def find_recipes(paths: list[Path]) -> list[Path]:
+    """Files as given; folders searched for *.yaml / *.yml that carry a `peftdsl:` key."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for candidate in sorted([*path.rglob("*.yaml"), *path.rglob("*.yml")]):
+                if any(part.startswith(".") for part in candidate.relative_to(path).parts):
+                    continue
+                try:
+                    head = candidate.read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    continue
+                if _MARKER.search(head):
+                    found.append(candidate)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    return found
+
+
+def _use_color(choice: str) -> bool:
+    if choice == "auto":
+        return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    return choice == "always"
+
+
+def print_diagnostics(diags, fmt: str = "full", color: bool = False, stream=None) -> None:
+    from peftdsl import render
+
+    stream = stream or sys.stderr
+    if not diags and fmt in ("full", "concise", "github"):
+        return
+    text = render.RENDERERS[fmt](diags, color=color)
+    if text:
+        print(text.rstrip("\n"), file=stream)
+    if fmt == "full":
+        print(render.summary_line(diags, color=color), file=stream)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_lint(args) -> int:
+    from peftdsl.compiler import Options, analyse
+    from peftdsl.diagnostics import Severity, Sink
+
+    recipes = find_recipes(args.paths)
+    options = Options(use_files=not args.no_inputs)
+    diags = []
+    for path in recipes:
+        sink = Sink()
+        analyse(path, sink, options)
+        diags.extend(sorted(sink.items, key=_position))
+    machine = args.format in ("json", "sarif")
+    print_diagnostics(diags, args.format, _use_color(args.color), stream=sys.stdout)
+    if not diags and not machine:
+        print(f"{len(recipes)} recipe{'s' if len(recipes) != 1 else ''} checked, no problems", file=sys.stderr)
+    failing = {Severity.ERROR, Severity.WARNING} if args.strict else {Severity.ERROR}
+    return EXIT_ERRORS if any(d.level in failing for d in diags) else EXIT_OK
+
+
+def _position(diag) -> tuple[int, int]:
+    return (diag.span.start, diag.span.end) if diag.span else (-1, -1)
+
+
+def cmd_explain(args) -> int:
+    from peftdsl.compiler import Options, analyse
+    from peftdsl.diagnostics import Sink
+    from peftdsl.explain import explain
+
+    if not args.recipe.exists():
+        raise UsageError(f"no such file: {args.recipe}")
+    sets = parse_sets(args.sets)
+    sink = Sink()
+    analysis = analyse(args.recipe, sink, Options(use_files=not args.no_inputs, overrides=sets))
+    if analysis is not None:
+        check_sets(analysis, sets)
+    print_diagnostics(sink.items, "full", _use_color("auto"))
+    if analysis is None or sink.has_errors():
+        return EXIT_ERRORS
+    print(explain(analysis))
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from peftdsl.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    if not args.recipe.exists():
+        raise UsageError(f"no such file: {args.recipe}")
+    from peftdsl.runner import run_command
+
+    return run_command(args)
+
+
+def cmd_lock(args) -> int:
+    if not args.recipe.exists():
+        raise UsageError(f"no such file: {args.recipe}")
+    from peftdsl.lock import lock_command
+
+    return lock_command(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

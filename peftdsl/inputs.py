@@ -1,0 +1,342 @@
+"""Stage 4: read input metadata — configs and safetensors headers, never tensor data.
+
+Everything `lint` knows about adapters and the base model comes from here:
+`adapter_config.json`, the JSON header of `adapter_model.safetensors` (names,
+dtypes, shapes), and the base's `config.json` and weight headers. No torch, no
+peft: this runs in a pre-commit hook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftdsl import ir
+from peftdsl.diagnostics import Sink
+from peftdsl.spans import Span
+
+ADAPTER_PREFIX = "base_model.model."
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+# Variants whose update is not linear in their parameters (or not a delta at all).
+_NONLINEAR_FLAGS = {
+    "use_dora": "DoRA rescales the weight by a learned magnitude, so its update is not linear in its factors",
+    "lora_bias": "`lora_bias` trains a bias term that peftdsl does not compose",
+    "use_qalora": "QALoRA's pooled inputs are not a plain low-rank delta",
+    "use_bdlora": "block-diagonal LoRA variants are not supported",
+    "alora_invocation_tokens": "activated LoRA applies its delta to some tokens only",
+    "layer_replication": "layer replication changes the model's structure",
+    "target_parameters": "LoRA on raw parameters (`target_parameters`) is not supported",
+    "trainable_token_indices": "trainable token rows are full weights, not low-rank deltas",
+}
+SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleInfo:
+    """One adapted module, in the factor frame (see docs/conventions.md)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int = 0  # lora
+    alpha: float = 0.0  # lora
+    scaling: float = 0.0  # lora: α/r, or α/√r with rsLoRA
+    layout: str = "linear"  # linear | conv1d | embedding
+    feedforward: bool = False  # ia3
+    keys: tuple[str, ...] = ()  # the safetensors keys holding this module's tensors
+    dtype: str = "F32"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    name: str
+    kind: ir.Kind
+    path: Path
+    weights: Path
+    config: dict
+    modules: dict[str, ModuleInfo]
+    base_model: str | None
+    task_type: str | None
+
+    @property
+    def rank(self) -> int | None:
+        return self.config.get("r") if self.kind is ir.Kind.LORA else None
+
+
+@dataclass(frozen=True, slots=True)
+class BaseInfo:
+    path: Path
+    config: dict
+    weights: dict[str, TensorInfo]  # weight name -> header entry
+    files: dict[str, Path] = field(default_factory=dict)  # weight name -> shard
+
+    def module_weight(self, module: str) -> TensorInfo | None:
+        return self.weights.get(f"{module}.weight")
+
+
+class InputError(Exception):
+    """A problem with an input's files, turned into a diagnostic by the caller."""
+
+    def __init__(self, code: str, message: str, help: str = ""):
+        super().__init__(message)
+        self.code, self.message, self.help = code, message, help
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Parse a safetensors header, checking that every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise InputError("I304", f"`{path.name}` is too short to be a safetensors file")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise InputError("I304", f"`{path.name}` declares a {length}-byte header but the file has "
+                                 f"{size} bytes (truncated or corrupt)")
+            raw = handle.read(length)
+    except OSError as err:
+        raise InputError("I304", f"cannot read `{path}`: {err.strerror or err}") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError("I304", f"`{path.name}` has a malformed header ({err})") from err
+    if not isinstance(header, dict):
+        raise InputError("I304", f"`{path.name}` has a malformed header")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - length
+    tensors = {}
+    for key, entry in header.items():
+        tensors[key] = _tensor_info(path, key, entry, data_size)
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, key: str, entry: object, data_size: int) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        assert isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+        assert isinstance(begin, int) and isinstance(end, int)
+    except (TypeError, KeyError, ValueError, AssertionError) as err:
+        raise InputError("I304", f"`{path.name}`: malformed header entry for `{key}`") from err
+    if not 0 <= begin <= end <= data_size:
+        raise InputError("I304", f"`{path.name}` is truncated: `{key}` lies past the end of the file")
+    return TensorInfo(dtype, shape, (begin, end))
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def locate_adapter(adapter: ir.Adapter) -> Path:
+    """The adapter's folder: a local path, or an `hf:` source found in the Hugging Face cache."""
+    if adapter.path is not None:
+        if not adapter.path.exists():
+            raise InputError("I301", f"adapter folder `{adapter.location}` does not exist",
+                             "paths are relative to the recipe's folder")
+        if not adapter.path.is_dir():
+            raise InputError("I301", f"`{adapter.location}` is not a folder")
+        return adapter.path
+    return resolve_hf(adapter.location)
+
+
+def resolve_hf(location: str) -> Path:
+    """`hf:org/name[@rev]` through the local Hugging Face cache only (works offline)."""
+    repo, _, revision = location[3:].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as err:  # pragma: no cover - huggingface_hub comes with transformers
+        raise InputError("I301", "huggingface_hub is needed for `hf:` sources") from err
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise InputError("I301", f"`{location}` is not in the Hugging Face cache",
+                         f"download it once with `huggingface-cli download {repo}`") from err
+
+
+def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> AdapterInfo:
+    config = _read_json(folder / "adapter_config.json", "I302")
+    peft_type = config.get("peft_type")
+    if peft_type not in SUPPORTED_TYPES:
+        raise InputError("I303", f"adapter `{name}` is a `{peft_type}` adapter; peftdsl composes LoRA and (IA)³",
+                         "only LORA and IA3 adapters are linear in their parameters")
+    for flag, reason in _NONLINEAR_FLAGS.items():
+        if config.get(flag):
+            raise InputError("I303", f"adapter `{name}` uses `{flag}`: {reason}",
+                             "composing it would silently give a wrong result")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        pickled = folder / "adapter_model.bin"
+        if pickled.exists() and not allow_pickle:
+            raise InputError("I310", f"adapter `{name}` stores its weights as a pickle (`adapter_model.bin`)",
+                             "convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
+        if not pickled.exists():
+            raise InputError("I304", f"adapter `{name}` has no `adapter_model.safetensors`")
+        raise InputError("I310", "pickled adapters are read only by `run --allow-pickle`")
+    tensors, _ = read_safetensors_header(weights)
+    kind = SUPPORTED_TYPES[peft_type]
+    modules = _lora_modules(name, config, tensors) if kind is ir.Kind.LORA else _ia3_modules(name, config, tensors)
+    full = sorted(k for k in tensors if not _is_factor(k) and not k.endswith(".base_layer.weight"))
+    if full:  # modules_to_save and the like: replacements, not deltas
+        raise InputError("I303", f"adapter `{name}` saves full module weights (`{_strip(full[0], '')}`), which "
+                         "replace the base's instead of adding to them",
+                         "retrain without `modules_to_save`, or drop those tensors")
+    return AdapterInfo(name=name, kind=kind, path=folder, weights=weights, config=config, modules=modules,
+                       base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"))
+
+
+def _is_factor(key: str) -> bool:
+    return key.endswith((".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".ia3_l"))
+
+
+def _read_json(path: Path, code: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise InputError(code, f"`{path.parent.name}` has no `{path.name}`", "is this a PEFT adapter folder?") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(code, f"`{path}` is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InputError(code, f"`{path}` is not a JSON object")
+    return data
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's `get_pattern_key`: the first pattern matching the end of the module name."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def _strip(key: str, suffix: str) -> str:
+    module = key[: -len(suffix)]
+    return module[len(ADAPTER_PREFIX):] if module.startswith(ADAPTER_PREFIX) else module
+
+
+def _lora_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> dict[str, ModuleInfo]:
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise InputError("I302", f"adapter `{name}`: `r` and `lora_alpha` must be positive numbers")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    conv1d = bool(config.get("fan_in_fan_out"))
+    modules = {}
+    for suffix_a, suffix_b, layout in ((".lora_A.weight", ".lora_B.weight", "conv1d" if conv1d else "linear"),
+                                       (".lora_embedding_A", ".lora_embedding_B", "embedding")):
+        for key in sorted(k for k in tensors if k.endswith(suffix_a)):
+            module = _strip(key, suffix_a)
+            key_b = key[: -len(suffix_a)] + suffix_b
+            modules[module] = _lora_module(name, module, tensors, key, key_b, layout,
+                                           rank_pattern, alpha_pattern, r, alpha, rslora)
+    if not modules:
+        raise InputError("I304", f"adapter `{name}` has no LoRA tensors in `adapter_model.safetensors`")
+    return modules
+
+
+def _lora_module(name, module, tensors, key_a, key_b, layout, rank_pattern, alpha_pattern, r, alpha, rslora):
+    a, b = tensors[key_a], tensors.get(key_b)
+    if b is None:
+        raise InputError("I304", f"adapter `{name}`: `{key_a}` has no matching `{key_b}`")
+    for t, k in ((a, key_a), (b, key_b)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise InputError("I304", f"adapter `{name}`: `{k}` has dtype {t.dtype}, not a float type")
+        if len(t.shape) != 2:
+            raise InputError("I304", f"adapter `{name}`: `{k}` has shape {list(t.shape)}, expected a matrix")
+    rank, in_features = a.shape
+    out_features, rank_b = b.shape
+    module_r = rank_pattern.get(pattern_key(rank_pattern, module), r)
+    module_alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), alpha)
+    if rank != rank_b or rank != module_r:
+        raise InputError("I304", f"adapter `{name}`: module `{module}` has factors of rank {rank}×{rank_b} but "
+                         f"its config says r={module_r}", "the weights and adapter_config.json disagree")
+    scaling = module_alpha / math.sqrt(rank) if rslora else module_alpha / rank
+    return ModuleInfo(name=module, out_features=out_features, in_features=in_features, rank=rank,
+                      alpha=float(module_alpha), scaling=scaling, layout=layout, keys=(key_a, key_b),
+                      dtype=a.dtype)
+
+
+def _is_feedforward(module: str, feedforward) -> bool:
+    """PEFT's rule: a string is a full-match regex, a list matches by suffix."""
+    if not feedforward:
+        return False
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, module) is not None
+    return any(module.endswith(target) for target in feedforward)
+
+
+def _ia3_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> dict[str, ModuleInfo]:
+    feedforward = config.get("feedforward_modules")
+    modules = {}
+    for key in sorted(k for k in tensors if k.endswith(".ia3_l")):
+        module = _strip(key, ".ia3_l")
+        info = tensors[key]
+        if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+            raise InputError("I304", f"adapter `{name}`: `{key}` must be a float matrix, got "
+                             f"{info.dtype} {list(info.shape)}")
+        is_ff = _is_feedforward(module, feedforward)
+        rows, cols = info.shape
+        if (is_ff and rows != 1) or (not is_ff and cols != 1):
+            raise InputError("I304", f"adapter `{name}`: `{key}` has shape {list(info.shape)}, which disagrees "
+                             f"with `feedforward_modules` ({'feed-forward' if is_ff else 'not feed-forward'})")
+        modules[module] = ModuleInfo(name=module, out_features=rows if not is_ff else 0,
+                                     in_features=cols if is_ff else 0, feedforward=is_ff, keys=(key,),
+                                     dtype=info.dtype)
+    if not modules:
+        raise InputError("I304", f"adapter `{name}` has no (IA)³ vectors in `adapter_model.safetensors`")
+    return modules
+
+
+# ---------------------------------------------------------------- base model
+
+
+def read_base(folder: Path) -> BaseInfo:
+    if not folder.is_dir():
+        raise InputError("I301", f"base model folder `{folder}` does not exist")
+    config = _read_json(folder / "config.json", "I304")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index, "I304").get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+        return BaseInfo(folder, config, {}, {})  # pickled: shapes unknown until run --allow-pickle
+    else:
+        raise InputError("I304", f"base model `{folder}` has no safetensors weights")
+    weights, files = {}, {}
+    for shard in shards:
+        tensors, _ = read_safetensors_header(folder / shard)
+        weights.update(tensors)
+        files.update(dict.fromkeys(tensors, folder / shard))
+    return BaseInfo(folder, config, weights, files)
+
+
+def expected_weight_shape(module: ModuleInfo) -> tuple[int, int]:
+    """The base weight's shape that a module's factors imply, by layout."""
+    if module.layout == "linear":
+        return module.out_features, module.in_features
+    return module.in_features, module.out_features
+
+
+def report(err: InputError, sink: Sink, span: Span, **kw) -> None:
+    sink.emit(err.code, err.message, span, help=err.help, **kw)
