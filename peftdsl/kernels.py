@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, Union
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 COMPUTE_DTYPE = torch.float32
 
-Scale = Union[float, Tensor]
+Scale = float | Tensor
 Majority = Literal["total", "frequency"]
 
 
@@ -295,22 +295,31 @@ def module_generator(seed: int, module_name: str, device: str | torch.device = "
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
-def random_mask(tasks: Tensor, density: float, generators: Sequence[torch.Generator]) -> Tensor:
+def random_mask(
+    tasks: Tensor, density: float, generators: Sequence[torch.Generator], draw_transposed: bool = False
+) -> Tensor:
     """DARE's Bernoulli(density) keep-mask for ``tasks[n, g, out, in]``, one generator per module.
 
     Module j draws task 0's mask, then task 1's, … from ``generators[j]``, the
     same calls in the same order as ``peft.utils.merge_utils.random_pruning``
     on that module's task tensors: with a generator seeded like torch's global
     one, the masks are identical. Masks are drawn on each generator's device.
+
+    A mask is filled in memory order, so its layout matters: PEFT draws over
+    ``get_delta_weight``, which is in×out for ``conv1d`` and ``embedding``
+    layouts. ``draw_transposed=True`` draws in that layout (then transposes
+    back to the factor frame), which is what reproduces PEFT's masks there.
     """
     count, group = tasks.shape[0], tasks.shape[1]
     if len(generators) != group:
         raise ValueError(f"need one generator per module: {group} modules, {len(generators)} generators")
+    matrix_shape = tasks.shape[2:][::-1] if draw_transposed else tasks.shape[2:]
     mask = torch.empty(tasks.shape, dtype=torch.bool, device=tasks.device)
     for module, generator in enumerate(generators):
-        probability = torch.full(tasks.shape[2:], density, dtype=COMPUTE_DTYPE, device=generator.device)
+        probability = torch.full(matrix_shape, density, dtype=COMPUTE_DTYPE, device=generator.device)
         for task in range(count):
-            mask[task, module] = torch.bernoulli(probability, generator=generator).bool().to(tasks.device)
+            drawn = torch.bernoulli(probability, generator=generator).bool()
+            mask[task, module] = (drawn.T if draw_transposed else drawn).to(tasks.device)
     return mask
 
 
@@ -362,22 +371,31 @@ def ties(
     return _disjoint_mean(_weighted(pruned, weights), majority_sign_mask(pruned, majority))
 
 
-def _dare_prune(tasks: Tensor, density: float, generators: Sequence[torch.Generator]) -> Tensor:
+def _dare_prune(
+    tasks: Tensor, density: float, generators: Sequence[torch.Generator], draw_transposed: bool
+) -> Tensor:
     """Random drop with rescale by 1/density (``random_pruning(rescale=True)``)."""
     _check_density(density)
     if density >= 1:
         return tasks
     if density == 0:
         raise ValueError("DARE density must be > 0: it rescales by 1/density")
-    return tasks * random_mask(tasks, density, generators) / density
+    return tasks * random_mask(tasks, density, generators, draw_transposed) / density
 
 
 def dare_linear(
-    tasks: Tensor, weights: Tensor | Sequence[float], density: float, generators: Sequence[torch.Generator]
+    tasks: Tensor,
+    weights: Tensor | Sequence[float],
+    density: float,
+    generators: Sequence[torch.Generator],
+    draw_transposed: bool = False,
 ) -> Tensor:
-    """``merge_utils.dare_linear``: Σ cᵢ·drop(ΔWᵢ)/density, one generator per module."""
+    """``merge_utils.dare_linear``: Σ cᵢ·drop(ΔWᵢ)/density, one generator per module.
+
+    ``draw_transposed``: see :func:`random_mask` (True for conv1d/embedding layouts).
+    """
     tasks = _f32(tasks)
-    return _weighted(_dare_prune(tasks, density, generators), weights).sum(dim=0)
+    return _weighted(_dare_prune(tasks, density, generators, draw_transposed), weights).sum(dim=0)
 
 
 def dare_ties(
@@ -386,10 +404,14 @@ def dare_ties(
     density: float,
     generators: Sequence[torch.Generator],
     majority: Majority = "total",
+    draw_transposed: bool = False,
 ) -> Tensor:
-    """``merge_utils.dare_ties``: DARE's random drop, then TIES' sign election and disjoint mean."""
+    """``merge_utils.dare_ties``: DARE's random drop, then TIES' sign election and disjoint mean.
+
+    ``draw_transposed``: see :func:`random_mask` (True for conv1d/embedding layouts).
+    """
     tasks = _f32(tasks)
-    pruned = _dare_prune(tasks, density, generators)
+    pruned = _dare_prune(tasks, density, generators, draw_transposed)
     return _disjoint_mean(_weighted(pruned, weights), majority_sign_mask(pruned, majority))
 
 
