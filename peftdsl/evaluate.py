@@ -33,7 +33,8 @@ Data decisions where DESIGN is silent:
 - When text + continuation exceed ``max_length``, the text loses tokens from
   its *left* so that the continuation (what is scored) is kept whole.
 - Generation runs one prompt at a time: with a batch, a prompt's continuation
-  would depend on the padding its neighbours force on it.
+  would depend on the padding its neighbours force on it. A prompt longer than
+  ``max_length − max_new_tokens`` keeps its last tokens.
 """
 
 from __future__ import annotations

@@ -190,6 +190,24 @@ def test_gpt2_conv1d_lora_and_ia3_with_bias(tmp_path):
         _assert_restored(base, snapshot)
 
 
+def test_tied_embedding_follows_peft_merge_and_warns(tmp_path):
+    """GPT-2 ties wte to lm_head: PEFT's unmerged forward and its merge disagree there.
+
+    Patching a weight can only mean the merge (both uses change), so that is the
+    reference, and the user is warned.
+    """
+    path = make_lora(tmp_path / "wte", base="gpt2", seed=2, targets=("wte",))
+    deltas = _lora_deltas(load_peft("gpt2", {"a": path}), "a")
+    merged = load_peft("gpt2", {"a": path}).merge_and_unload()
+    base = tiny_gpt2(0)
+    with torch.no_grad():
+        expected = merged(input_ids=IDS).logits
+        with pytest.warns(UserWarning, match="tied weights"):
+            with applied(base, deltas):
+                got = base(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_weights_are_patched_in_float32_and_restored(lora_dir):
     model = tiny_llama(0).to(torch.bfloat16)
     deltas = _lora_deltas(load_peft("llama", {"a": lora_dir}), "a")
