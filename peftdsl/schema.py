@@ -57,11 +57,10 @@ class EvalSpec(_Strict):
     label_field: str = "label"
     choices_field: str = "choices"
     answer_field: str = "answer"
-    prompt_field: str = "prompt"
     labels: dict[str, str] | None = Field(None, description="label -> verbalizer, for accuracy")
     max_new_tokens: PositiveInt = 32
     do_sample: bool = False
-    dtype: Dtype | None = None
+    dtype: Dtype | None = Field(None, description="dtype the base model is loaded in for evaluation")
 
 
 class SelectSpec(_Strict):

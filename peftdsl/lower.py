@@ -1,0 +1,201 @@
+"""Stage 7: lower canonical forms to a plan of batched groups.
+
+A *task* computes one composition for every module it touches. Its modules are
+partitioned into *groups*: modules with the same shape, layout and pattern of
+contributing adapters (which adapters target the module, at which rank), so that a
+whole group — e.g. the 32 `q_proj` of a 7B model — runs as one stacked
+`torch.linalg` call. Every task keeps the recipe spans it came from, so a failure
+at run time still points into the recipe. No torch here: `explain` prints plans.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from peftdsl import ir
+from peftdsl.check import Analysis, op_leaves
+from peftdsl.inputs import ModuleInfo
+from peftdsl.spans import Span
+
+Kind = ir.Kind
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Modules computed together: one shape, one layout, one pattern of contributors."""
+
+    modules: tuple[str, ...]
+    out_features: int
+    in_features: int
+    layout: str
+    feedforward: bool
+    ranks: tuple[tuple[str, int], ...]  # (adapter, rank on these modules) for adapters present
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.ranks)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    name: str
+    form: ir.Combination
+    groups: tuple[Group, ...]
+    spans: tuple[Span, ...]
+
+    @property
+    def kind(self) -> Kind:
+        return self.form.kind
+
+    @property
+    def modules(self) -> int:
+        return sum(len(g.modules) for g in self.groups)
+
+
+def adapter_leaves(comb: ir.Combination) -> list[str]:
+    """Names of the source adapters a combination reads, in first-use order."""
+    names: dict[str, None] = {}
+    stack = [comb]
+    while stack:
+        current = stack.pop()
+        for term in current.terms:
+            if isinstance(term.leaf, ir.AdapterLeaf):
+                names.setdefault(term.leaf.name)
+            else:
+                stack.append(term.leaf.arg)
+    return list(names)
+
+
+def lower(analysis: Analysis, name: str) -> Task:
+    """The task computing composition (or adapter) `name`, its modules grouped."""
+    form = analysis.canonical[name]
+    leaves = adapter_leaves(form)
+    by_signature: dict[tuple, list[str]] = defaultdict(list)
+    shapes: dict[str, ModuleInfo] = {}
+    for leaf in leaves:
+        for module in analysis.adapters[leaf].modules.values():
+            shapes.setdefault(module.name, module)
+    for module_name in sorted(shapes):
+        module = shapes[module_name]
+        present = tuple(
+            (leaf, analysis.adapters[leaf].modules[module_name].rank)
+            for leaf in leaves if module_name in analysis.adapters[leaf].modules
+        )
+        signature = (module.out_features, module.in_features, module.layout, module.feedforward, present)
+        by_signature[signature].append(module_name)
+    groups = tuple(
+        Group(tuple(mods), out, inn, layout, ff, present)
+        for (out, inn, layout, ff, present), mods in sorted(by_signature.items(), key=lambda kv: kv[1][0])
+    )
+    spans = tuple({id(s): s for s in _spans(analysis, name, form)}.values())
+    return Task(name=name, form=form, groups=groups, spans=spans)
+
+
+def _spans(analysis: Analysis, name: str, form: ir.Combination) -> list[Span]:
+    comp = analysis.recipe.composition(name)
+    spans = [comp.span] if comp else [analysis.recipe.adapter(name).span]
+    spans.extend(leaf.span for leaf in op_leaves(form))
+    return spans
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def group_rank(comb: ir.Combination, group: Group) -> int | None:
+    """Rank of a LoRA-valued combination on a group's modules (None: dense)."""
+    ranks = dict(group.ranks)
+    total = 0
+    for term in comb.terms:
+        leaf = term.leaf
+        if isinstance(leaf, ir.AdapterLeaf):
+            total += ranks.get(leaf.name, 0)
+            continue
+        if leaf.kind is Kind.DENSE:
+            return None
+        inner = group_rank(leaf.arg, group)
+        if leaf.func == "svd":
+            limit = min(dict(leaf.options)["rank"], group.out_features, group.in_features)
+            total += limit if inner is None else min(limit, inner)
+        else:  # pem, peft_linear: the common rank of their inputs
+            present = [ranks[n] for n in adapter_leaves(leaf.arg) if n in ranks]
+            total += max(present, default=0)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    peak_bytes: int
+    ranks: tuple[int, ...]  # distinct output ranks (lora) — empty for dense/ia3
+
+
+def estimate(analysis: Analysis, task: Task, out_bytes: int = 4) -> Estimate:
+    read = written = flops = peak = 0
+    ranks: set[int] = set()
+    for group in task.groups:
+        g, out, inn = len(group.modules), group.out_features, group.in_features
+        group_read = sum(r * (out + inn) if r else (out or inn) for _, r in group.ranks) * 4 * g
+        read += group_read
+        if task.kind is Kind.IA3:
+            written += (out or inn) * out_bytes * g
+            peak = max(peak, 2 * group_read)
+            continue
+        rank = group_rank(task.form, group)
+        if rank is None:  # dense
+            n = len(group.ranks) + 2
+            written += out * inn * out_bytes * g
+            flops += g * (n * out * inn * sum(r for _, r in group.ranks) * 2 + 4 * out * inn * min(out, inn))
+            peak = max(peak, n * out * inn * 4 * g)
+        else:
+            ranks.add(rank)
+            big_r = sum(r for _, r in group.ranks)
+            written += rank * (out + inn) * out_bytes * g
+            flops += g * (4 * (out + inn) * big_r * big_r + 10 * big_r**3)
+            peak = max(peak, 3 * group_read + 3 * big_r * (out + inn) * 4 * g)
+    return Estimate(read, written, flops, peak, tuple(sorted(ranks)))
+
+
+def describe_plan(analysis: Analysis) -> list[str]:
+    """The plan section of `peftdsl explain`."""
+    names = [o.name for o in analysis.recipe.outputs] + [
+        m for e in analysis.recipe.evals for m in e.models if m != "base"]
+    names = [n for n in dict.fromkeys(names) if n in analysis.canonical]
+    if not names or not all(leaf in analysis.adapters for n in names for leaf in adapter_leaves(analysis.canonical[n])):
+        return ["plan: needs the adapters' files (not available with --no-inputs)"] if names else []
+    lines = ["plan"]
+    for name in names:
+        task = lower(analysis, name)
+        est = estimate(analysis, task)
+        rank_text = "dense" if task.kind is Kind.DENSE else (
+            "(IA)³" if task.kind is Kind.IA3 else "rank " + "/".join(map(str, est.ranks)))
+        lines.append(f"  {name}: {task.kind}, {task.modules} modules in {len(task.groups)} groups, {rank_text}")
+        lines.append(f"    read {_bytes(est.bytes_read)}, write {_bytes(est.bytes_written)}, "
+                     f"~{_flops(est.flops)}, peak ~{_bytes(est.peak_bytes)}")
+        for group in task.groups:
+            rank = group_rank(task.form, group) if task.kind is not Kind.IA3 else None
+            shape = f"{group.out_features}×{group.in_features}" if task.kind is not Kind.IA3 else (
+                f"l[{group.in_features or group.out_features}]")
+            contributors = ", ".join(f"{n}(r={r})" if r else n for n, r in group.ranks)
+            result = "" if task.kind is Kind.IA3 else (" -> dense" if rank is None else f" -> r={rank}")
+            lines.append(f"    group ×{len(group.modules):<3} {shape:<12} {group.layout:<9} {contributors}{result}"
+                         f"  e.g. {group.modules[0]}")
+    return lines
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _flops(n: int) -> str:
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} FLOP"

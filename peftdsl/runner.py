@@ -1,0 +1,302 @@
+"""`peftdsl run`: compile, execute, write outputs, evaluate, sweep (DESIGN §3, §4).
+
+The front end runs first and every user error is reported before any tensor is
+read: names, kinds, shapes, pins, existing outputs. Execution errors become
+diagnostics that point at the composition that failed. Outputs are written
+atomically; nothing half-written is ever left in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftdsl import __version__, canonical, ir
+from peftdsl.cli import EXIT_ERRORS, EXIT_OK, UsageError, check_sets, parse_sets, print_diagnostics
+from peftdsl.compiler import Options, analyse, sweep_points
+from peftdsl.diagnostics import Sink
+
+Kind = ir.Kind
+
+
+@dataclass
+class RunState:
+    analysis: object
+    sink: Sink
+    hashes: dict[str, str] = field(default_factory=dict)
+    recipe_sha256: str = ""
+    messages: list[str] = field(default_factory=list)
+
+
+def run_command(args) -> int:
+    sets = parse_sets(args.sets)
+    sink = Sink()
+    analysis = analyse(args.recipe, sink, Options(use_files=True, allow_pickle=args.allow_pickle, overrides=sets))
+    if analysis is not None:
+        check_sets(analysis, sets)
+        _check_only(analysis, args.only)
+        state = RunState(analysis, sink)
+        if not sink.has_errors():
+            _verify_pins(state, locked=args.locked)
+            _check_outputs_free(state, args)
+    print_diagnostics(sink.items, "full", sys.stderr.isatty())
+    if analysis is None or sink.has_errors():
+        return EXIT_ERRORS
+    return _execute(state, args, dict(sets))
+
+
+def _check_only(analysis, only: list[str]) -> None:
+    names = {o.name for o in analysis.recipe.outputs} | {c.name for c in analysis.recipe.compose}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise UsageError(f"--only {unknown[0]}: the recipe has no output or composition `{unknown[0]}`")
+
+
+def _selected_outputs(analysis, only: list[str]) -> list[ir.Output]:
+    return [o for o in analysis.recipe.outputs if not only or o.name in only]
+
+
+# ---------------------------------------------------------------- before compute
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_pins(state: RunState, *, locked: bool) -> None:
+    """Hash every adapter's weights (for provenance) and check the recipe's pins."""
+    recipe, sink = state.analysis.recipe, state.sink
+    state.recipe_sha256 = hashlib.sha256(recipe.span.source.text.encode("utf-8")).hexdigest()
+    for adapter in recipe.adapters:
+        info = state.analysis.adapters.get(adapter.name)
+        if info is None:
+            continue
+        state.hashes[adapter.name] = digest = sha256_file(info.weights)
+        if adapter.sha256 is None and locked:
+            sink.emit("I311", f"adapter `{adapter.name}` has no sha256 pin and --locked was given",
+                      adapter.name_span, help="run `peftdsl lock` to pin every adapter")
+        elif adapter.sha256 is not None and adapter.sha256 != digest:
+            sink.emit("I309", f"adapter `{adapter.name}` does not match its pin: its sha256 is {digest[:12]}…",
+                      adapter.span, help="the weights changed since the recipe was locked; re-run "
+                      "`peftdsl lock` if the change is intended")
+
+
+def _check_outputs_free(state: RunState, args) -> None:
+    for out in _selected_outputs(state.analysis, args.only):
+        if out.path.exists() and not args.force:
+            state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
+                            help="pass --force to replace it")
+
+
+# ---------------------------------------------------------------- compute
+
+
+def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
+    from peftdsl.execute import Executor, pick_device
+
+    analysis = state.analysis
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    console = _console(args.quiet)
+    recipe = analysis.recipe
+    results, selected = [], None
+    started = time.perf_counter()
+    with Executor(analysis, device=device, seed=recipe.seed) as executor:
+        try:
+            evals = [] if args.no_eval else list(recipe.evals)
+            params = {p.name: p.value for p in recipe.params} | overrides
+            if evals:
+                results, selected = _evaluate(state, executor, evals, params, overrides, args, console)
+                if selected:
+                    params |= selected
+                    canonical.canonicalise(analysis, Sink(), params)
+            for out in _selected_outputs(analysis, args.only):
+                _write_output(state, executor, out, params, device, args.force)
+                console.print(f"wrote {out.name} -> {out.path}")
+        except _RunFailed:
+            print_diagnostics(state.sink.items, "full", sys.stderr.isatty())
+            return EXIT_ERRORS
+    if results:
+        _report(state, results, selected, args, console)
+    console.print(f"done in {time.perf_counter() - started:.1f} s on {device}")
+    return EXIT_OK
+
+
+class _RunFailed(Exception):
+    pass
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet)
+
+
+def _deltas(state: RunState, executor, name: str):
+    """Every module's delta for composition (or adapter) `name`; failures become R601/R603."""
+    from peftdsl.lower import lower
+
+    task = lower(state.analysis, name)
+    try:
+        return executor.run(task)
+    except MemoryError:
+        _fail(state, "R603", f"out of memory computing `{name}`", task)
+    except RuntimeError as err:
+        if "out of memory" in str(err).lower():
+            _fail(state, "R603", f"out of memory computing `{name}`: {_first_line(err)}", task)
+        _fail(state, "R601", f"computing `{name}` failed: {_first_line(err)}", task)
+    except (OSError, ValueError) as err:
+        _fail(state, "R601", f"computing `{name}` failed: {_first_line(err)}", task)
+
+
+def _fail(state: RunState, code: str, message: str, task) -> None:
+    state.sink.emit(code, message, task.spans[0] if task.spans else None,
+                    help="check the adapters' files; nothing was written")
+    raise _RunFailed()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _output_dtype(state: RunState, out: ir.Output, name: str) -> str:
+    from peftdsl.lower import adapter_leaves
+
+    if out.dtype:
+        return out.dtype
+    leaves = adapter_leaves(state.analysis.canonical[name])
+    first = state.analysis.adapters[leaves[0]]
+    stored = next(iter(first.modules.values())).dtype
+    return {"F16": "float16", "BF16": "bfloat16"}.get(stored, "float32")
+
+
+def _provenance(state: RunState, out: ir.Output, params: dict, device, dtype: str) -> dict:
+    import peft
+    import torch
+
+    recipe = state.analysis.recipe
+    form = state.analysis.canonical[out.name]
+    from peftdsl.lower import adapter_leaves
+
+    used = adapter_leaves(form)
+    return {
+        "peftdsl": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "peft": peft.__version__,
+        "recipe": {"file": recipe.path.name, "name": recipe.name, "sha256": state.recipe_sha256,
+                   "text": recipe.span.source.text},
+        "output": out.name,
+        "kind": form.kind.value,
+        "canonical": ir.combination_text(form),
+        "inputs": {n: {"path": recipe.adapter(n).location, "sha256": state.hashes.get(n)} for n in used},
+        "params": {k: params[k] for k in sorted(params)},
+        "seed": recipe.seed,
+        "device": device.type,
+        "dtype": dtype,
+        "merge": out.merge,
+    }
+
+
+def _write_output(state: RunState, executor, out: ir.Output, params: dict, device, force: bool) -> None:
+    from peftdsl import write
+
+    analysis = state.analysis
+    deltas = _deltas(state, executor, out.name)
+    dtype = _output_dtype(state, out, out.name)
+    provenance = _provenance(state, out, params, device, dtype)
+    try:
+        if out.merge:
+            write.write_merged(out.path, base_dir=analysis.base.path, transform=write.merge_transform(deltas),
+                               dtype=out.dtype, force=force, allow_pickle=False)
+            (out.path / "peftdsl.json").write_bytes(write._json_bytes(provenance))
+            return
+        from peftdsl.lower import adapter_leaves
+
+        template = analysis.adapters[adapter_leaves(analysis.canonical[out.name])[0]].config
+        if analysis.canonical[out.name].kind is Kind.IA3:
+            config, tensors = write.ia3_adapter_files(deltas, template=template, dtype=dtype)
+        else:
+            config, tensors = write.lora_adapter_files(deltas, template=template, dtype=dtype)
+        write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
+    except write.OutputExists:
+        state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
+                        help="pass --force to replace it")
+        raise _RunFailed() from None
+    except OSError as err:
+        state.sink.emit("R601", f"writing `{out.name}` failed: {err.strerror or err}", out.span,
+                        help="nothing was left half-written at the output path")
+        raise _RunFailed() from None
+
+
+# ---------------------------------------------------------------- evaluation and sweeps
+
+
+def _eval_specs(recipe, evals):
+    from peftdsl.evaluate import EvalSpec
+
+    specs = []
+    for target in evals:
+        options = {k: v for k, v in target.options if k != "dtype"}
+        specs.append(EvalSpec(name=target.name, metric=target.metric, data=target.data, models=target.models,
+                              seed=recipe.seed, **options))
+    return specs
+
+
+def _evaluate(state: RunState, executor, evals, params, overrides, args, console):
+    from peftdsl.evaluate import EvalDataError, evaluate_models, load_base
+    from peftdsl.report import select_best
+
+    recipe = state.analysis.recipe
+    dtype = next((dict(t.options).get("dtype") for t in evals if dict(t.options).get("dtype")), None)
+    try:
+        model, tokenizer = load_base(recipe.base_path or recipe.base, device=str(executor.device), dtype=dtype)
+    except (OSError, ValueError) as err:
+        state.sink.emit("E501", f"cannot load base model `{recipe.base}`: {_first_line(err)}", recipe.base_span)
+        raise _RunFailed() from None
+    specs = _eval_specs(recipe, evals)
+    points = sweep_points(recipe, overrides) or [{}]
+    results = []
+    for point in points:
+        point_params = params | point
+        if point:
+            canonical.canonicalise(state.analysis, Sink(), point_params)
+            console.print("sweep point " + ", ".join(f"{k}={v:g}" for k, v in point.items()))
+        models = {m for spec in specs for m in spec.models if m != "base"}
+        deltas = {m: _deltas(state, executor, m) for m in sorted(models)}
+        try:
+            results.extend(evaluate_models(model, tokenizer, specs, deltas, params=point, device=executor.device,
+                                           quiet=args.quiet))
+        except EvalDataError as err:
+            state.sink.emit("E501", f"evaluation data: {err}", evals[0].span)
+            raise _RunFailed() from None
+    selected = None
+    sweep = recipe.sweep
+    if sweep is not None and sweep.select is not None and points != [{}]:
+        s = sweep.select
+        selected = select_best(results, s.eval, s.model, s.goal)
+        console.print("selected " + ", ".join(f"{k}={v:g}" for k, v in selected.items()))
+    return results, selected
+
+
+def _report(state: RunState, results, selected, args, console) -> None:
+    from peftdsl.report import print_table, write_report
+
+    recipe = state.analysis.recipe
+    directory = args.report or Path("peftdsl-reports") / recipe.name
+    swept = [name for name, _ in recipe.sweep.grid] if recipe.sweep else []
+    print_table(results, console, swept)
+    written = write_report(directory, recipe.name, results, selected, swept)
+    console.print(f"report: {written[0].parent}")
