@@ -45,6 +45,7 @@ def build_recipe(source: SourceFile, sink: Sink) -> ir.Recipe | None:
     if not _check_version(loaded, sink):
         return None
     _expand_short_forms(loaded)
+    _keep_text_of_string_fields(loaded)
     spec = _validate(loaded, sink)
     if spec is None:
         return None
@@ -89,6 +90,29 @@ def _expand_short_forms(loaded: LoadedYaml) -> None:
                 entries[name] = {key: value}
                 loc = loaded.spans[(section, name)]
                 loaded.spans[(section, name, key)] = Located(loc.value, loc.key, loc.quoted)
+
+
+# Fields that are always text: an unquoted pin of 64 digits, or a path named `2024`,
+# is read as YAML writes it, not as the number YAML would make of it.
+_STRING_FIELDS = (("base",), ("name",), ("adapters", None, "path"), ("adapters", None, "sha256"),
+                  ("outputs", None, "path"), ("eval", None, "data"), ("eval", None, "name"))
+
+
+def _keep_text_of_string_fields(loaded: LoadedYaml) -> None:
+    for path, loc in loaded.spans.items():
+        if loc.quoted or len(path) not in (1, 3):
+            continue
+        if not any(len(p) == len(path) and all(a is None or a == b for a, b in zip(p, path))
+                   for p in _STRING_FIELDS):
+            continue
+        parent = loaded.data
+        for part in path[:-1]:
+            parent = parent[part] if isinstance(parent, (dict, list)) else None
+            if parent is None:
+                break
+        value = parent.get(path[-1]) if isinstance(parent, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parent[path[-1]] = loc.value.text
 
 
 # ---------------------------------------------------------------- schema errors
@@ -138,11 +162,15 @@ def _report_schema_error(loaded: LoadedYaml, error: dict, loc: tuple, sink: Sink
         sink.emit("Y003", f"unknown key `{key}`{where}", loaded.span(loc, key=True),
                   help=f"did you mean `{guess[0]}`?" if guess else f"known keys: {', '.join(known)}")
         return
+    if kind == "too_short" and loc[:1] == ("sweep",) and len(loc) == 2:
+        sink.emit("E502", f"sweep over `{key}` has no values", loaded.span(loc),
+                  help=f"list the values to try: `{key}: [0.2, 0.4]`")
+        return
     if kind == "missing":
         sink.emit("Y005", f"missing key `{key}` in `{_dotted(loc[:-1]) or 'the recipe'}`",
                   loaded.span(loc[:-1], key=True), help=f"add `{key}: …`")
         return
-    message = error["msg"]
+    message = error["msg"].replace(" after validation", "")
     message = message[0].lower() + message[1:]
     got = error.get("input")
     shown = f", not `{got!r}`" if not isinstance(got, (dict, list)) else ""
@@ -164,14 +192,16 @@ class _Builder:
         self.loaded, self.spec, self.sink = loaded, spec, sink
         self.folder = loaded.source.path.parent
         self.defined: dict[str, Span] = {}
+        self.rejected = False  # the last `_define` refused the name (reserved or duplicate)
 
     def span(self, *path, key: bool = False) -> Span:
         return self.loaded.span(path, key=key)
 
     def recipe(self) -> ir.Recipe:
         spec = self.spec
-        adapters = tuple(self._adapter(n, a) for n, a in spec.adapters.items())
-        params = tuple(self._param(n, v) for n, v in spec.params.items())
+        # A name rejected as reserved or duplicate is left out, so later stages do not see two `chat`s.
+        adapters = tuple(a for n, s in spec.adapters.items() if (a := self._adapter(n, s)))
+        params = tuple(p for n, v in spec.params.items() if (p := self._param(n, v)))
         compose = tuple(c for n, e in spec.compose.items() if (c := self._composition(n, e)))
         outputs = tuple(self._output(n, o) for n, o in spec.outputs.items())
         evals = tuple(self._eval(i, e) for i, e in enumerate(spec.eval))
@@ -201,30 +231,37 @@ class _Builder:
     def _define(self, section: str, name: str) -> Span:
         """Check a definition's name: pattern, reserved, unique across sections."""
         key_span = self.span(section, name, key=True)
+        self.rejected = False
         if not _NAME.match(name):
             self.sink.emit("Y008", f"`{name}` is not a valid name", key_span,
                            help="names match [A-Za-z_][A-Za-z0-9_]*")
         elif name in RESERVED:
             what = "the base model" if name == "base" else "a function"
             self.sink.emit("N205", f"`{name}` is reserved for {what}", key_span, help="choose another name")
+            self.rejected = True
         elif name in self.defined:
             self.sink.emit("N204", f"`{name}` is defined twice", key_span, label="defined again here",
                            labels=(Label(self.defined[name], "first defined here"),),
                            help="names are shared by adapters, params and compose")
+            self.rejected = True
         else:
             self.defined[name] = key_span
         return key_span
 
-    def _adapter(self, name: str, spec: schema.AdapterSpec) -> ir.Adapter:
+    def _adapter(self, name: str, spec: schema.AdapterSpec) -> ir.Adapter | None:
         name_span = self._define("adapters", name)
+        if self.rejected:
+            return None
         return ir.Adapter(
             name=name, location=spec.path, path=self._resolve(spec.path), sha256=spec.sha256,
             kind=ir.Kind(spec.kind) if spec.kind else None, rank=spec.rank,
             span=self.span("adapters", name, "path"), name_span=name_span,
         )
 
-    def _param(self, name: str, value: float) -> ir.Param:
+    def _param(self, name: str, value: float) -> ir.Param | None:
         name_span = self._define("params", name)
+        if self.rejected:
+            return None
         return ir.Param(name=name, value=value, span=self.span("params", name), name_span=name_span)
 
     def _composition(self, name: str, text: str) -> ir.Composition | None:

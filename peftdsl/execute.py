@@ -13,7 +13,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from peftdsl import ir, kernels
 from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta
@@ -42,6 +42,10 @@ class Ia3:
 
 
 Value = Lora | Dense | Ia3
+
+
+class InputDataError(ValueError):
+    """An input's tensor data is unusable (undecodable, NaN, Inf): a user error, not a bug."""
 
 
 def pick_device(choice: str) -> torch.device:
@@ -96,19 +100,27 @@ class Executor:
 
     # ------------------------------------------------------------ reading
 
+    def _read(self, adapter: str, key: str) -> torch.Tensor:
+        """One tensor, checked: a NaN or Inf in an input would silently poison every output."""
+        try:
+            tensor = self._file(adapter).get_tensor(key)
+        except SafetensorError as err:
+            raise InputDataError(f"adapter `{adapter}`: cannot read `{key}` ({err})") from err
+        if not torch.isfinite(tensor).all():
+            raise InputDataError(f"adapter `{adapter}`: `{key}` holds NaN or infinite values")
+        return tensor
+
     def read_lora(self, adapter: str, group: Group) -> Lora:
         infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
-        handle = self._file(adapter)
-        A = torch.stack([handle.get_tensor(info.keys[0]) for info in infos]).to(self.device, torch.float32)
-        B = torch.stack([handle.get_tensor(info.keys[1]) for info in infos]).to(self.device, torch.float32)
+        A = torch.stack([self._read(adapter, info.keys[0]) for info in infos]).to(self.device, torch.float32)
+        B = torch.stack([self._read(adapter, info.keys[1]) for info in infos]).to(self.device, torch.float32)
         scales = [info.scaling for info in infos]
         scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32, device=self.device)
         return Lora(A, B, scale)
 
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
-        handle = self._file(adapter)
-        return Ia3(torch.stack([handle.get_tensor(info.keys[0]) for info in infos]).to(self.device, torch.float32))
+        return Ia3(torch.stack([self._read(adapter, info.keys[0]) for info in infos]).to(self.device, torch.float32))
 
 
 def _bytes_per_module(task: Task, group: Group) -> int:

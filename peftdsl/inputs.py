@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from peftdsl.spans import Span
 ADAPTER_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+DTYPE_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 # Variants whose update is not linear in their parameters (or not a delta at all).
 _NONLINEAR_FLAGS = {
@@ -136,6 +139,10 @@ def _tensor_info(path: Path, key: str, entry: object, data_size: int) -> TensorI
         raise InputError("I304", f"`{path.name}`: malformed header entry for `{key}`") from err
     if not 0 <= begin <= end <= data_size:
         raise InputError("I304", f"`{path.name}` is truncated: `{key}` lies past the end of the file")
+    count = math.prod(shape)
+    if dtype in DTYPE_SIZES and end - begin != count * DTYPE_SIZES[dtype]:
+        raise InputError("I304", f"`{path.name}` is corrupt: `{key}` is {dtype} {list(shape)} but holds "
+                         f"{end - begin} bytes")
     return TensorInfo(dtype, shape, (begin, end))
 
 
@@ -163,7 +170,9 @@ def resolve_hf(location: str) -> Path:
     except ImportError as err:  # pragma: no cover - huggingface_hub comes with transformers
         raise InputError("I301", "huggingface_hub is needed for `hf:` sources") from err
     try:
-        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+        # The cache folder is read at call time (huggingface_hub reads its env once, at import).
+        cache = os.environ.get("HF_HUB_CACHE") or None
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True, cache_dir=cache))
     except (LocalEntryNotFoundError, OSError, ValueError) as err:
         raise InputError("I301", f"`{location}` is not in the Hugging Face cache",
                          f"download it once with `huggingface-cli download {repo}`") from err
