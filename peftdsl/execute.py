@@ -222,7 +222,7 @@ class _Evaluation:
             return Dense(kernels.ties(stacked, weights, density, options["majority"]))
         if leaf.func == "magnitude_prune":
             return Dense(kernels.magnitude_prune(stacked, weights, density))
-        generators = [kernels.module_generator(self.executor.seed, m, stacked.device) for m in self.group.modules]
+        generators = [kernels.module_generator(self.executor.seed, m, "cpu") for m in self.group.modules]
         transposed = self.group.layout != "linear"
         if leaf.func == "dare_linear":
             return Dense(kernels.dare_linear(stacked, weights, density, generators, transposed))
