@@ -160,8 +160,8 @@ class _Canonicaliser:
         ok = True
         for keyword in expr.keywords:
             spec = function.keyword(keyword.name)
-            if spec is None:
-                ok = False
+            if spec is None or (spec.type == "choice") != isinstance(keyword.value, ir.String):
+                ok = False  # reported by the checker (T406)
                 continue
             value = keyword.value.value if isinstance(keyword.value, ir.String) else self.of(keyword.value)
             if value is None or isinstance(value, ir.Combination):

@@ -46,6 +46,8 @@ def describe(kind: Kind | None) -> str:
 
 def resolve_names(recipe: ir.Recipe, sink: Sink) -> None:
     """Every name is defined before use; outputs, evals and sweeps name things that exist."""
+    # Errors from building (a composition that did not parse, a rejected name) may hide uses.
+    built_cleanly = not sink.has_errors()
     sources = {a.name for a in recipe.adapters} | {p.name for p in recipe.params}
     later = {c.name: c for c in recipe.compose}
     available: set[str] = set()
@@ -74,7 +76,7 @@ def resolve_names(recipe: ir.Recipe, sink: Sink) -> None:
                          "models are `base`, adapters or compositions")
     _check_sweep(recipe, sink, used)
     for item in (*recipe.adapters, *recipe.params):
-        if item.name not in used:
+        if item.name not in used and built_cleanly:
             what = "adapter" if isinstance(item, ir.Adapter) else "param"
             sink.emit("N208", f"{what} `{item.name}` is never used", item.name_span,
                       help="remove it, or use it in a composition")
@@ -152,7 +154,8 @@ def read_inputs(analysis: Analysis, sink: Sink, *, use_files: bool, allow_pickle
         try:
             analysis.base = read_base(recipe.base_path)
         except InputError as err:
-            sink.emit(err.code, err.message, recipe.base_span, help=err.help)
+            sink.emit(err.code, _as_written(err.message, recipe.base_path, recipe.base), recipe.base_span,
+                      help=err.help)
     elif use_files and recipe.base and recipe.base.startswith("hf:"):
         from peftdsl.inputs import resolve_hf
 
@@ -173,8 +176,14 @@ def _read_one(adapter: ir.Adapter, sink: Sink, use_files: bool, allow_pickle: bo
     try:
         return read_adapter(adapter.name, locate_adapter(adapter), allow_pickle=allow_pickle)
     except InputError as err:
-        sink.emit(err.code, err.message, adapter.span, help=err.help)
+        message = _as_written(err.message, adapter.path, adapter.location)
+        sink.emit(err.code, message, adapter.span, help=err.help)
         return None
+
+
+def _as_written(message: str, path, location: str) -> str:
+    """Show a resolved path the way the recipe wrote it (stable, and what the user recognises)."""
+    return message.replace(str(path), location) if path is not None else message
 
 
 def _check_declared(adapter: ir.Adapter, info: AdapterInfo, sink: Sink) -> None:
@@ -207,13 +216,14 @@ def _check_shapes(analysis: Analysis, sink: Sink) -> None:
         adapter = recipe.adapter(name)
         for module in info.modules.values():
             shape = (module.out_features, module.in_features)
-            if module.name in seen and seen[module.name][1] != shape and info.kind is Kind.LORA:
-                other, other_shape, _ = seen[module.name]
-                sink.emit("I307", f"module `{module.name}` is {_shape(shape)} in `{name}` but "
-                          f"{_shape(other_shape)} in `{other}`", adapter.span,
-                          help="adapters must be trained on the same base model")
-                break
-            seen.setdefault(module.name, (name, shape, module.feedforward))
+            if info.kind is Kind.LORA:  # (IA)³ vectors know one dimension only; the base check covers them
+                if module.name in seen and seen[module.name][1] != shape:
+                    other, other_shape, _ = seen[module.name]
+                    sink.emit("I307", f"module `{module.name}` is {_shape(shape)} in `{name}` but "
+                              f"{_shape(other_shape)} in `{other}`", adapter.span,
+                              help="adapters must be trained on the same base model")
+                    break
+                seen.setdefault(module.name, (name, shape, module.feedforward))
             if analysis.base is not None and analysis.base.weights and not _fits_base(analysis.base, module):
                 sink.emit("I307", _base_mismatch(analysis.base, module, name), adapter.span,
                           help="the adapter was trained on another base model")
@@ -297,7 +307,8 @@ class _Kinds:
         self.sink.emit("T401", f"cannot {verb} `{left}` and `{right}` adapters", expr.right.span,
                        label=self._what(expr.right, right), labels=(Label(expr.left.span, self._what(expr.left, left)),),
                        help="compose each kind separately, or convert with svd(...) first"
-                       if Kind.IA3 not in (left, right) else "(IA)³ and LoRA deltas cannot be added")
+                       if Kind.IA3 not in (left, right) else
+                       "compose (IA)³ and LoRA adapters separately, and write each to its own output")
         return None
 
     def _scale(self, expr: ir.Binary, left: Kind, right: Kind) -> Kind | None:
@@ -333,7 +344,7 @@ class _Kinds:
         self._check_keywords(expr, function)
         kind = kinds[0]
         if kind is not None and kind not in function.accepts:
-            accepted = " or ".join(sorted(k.value for k in function.accepts))
+            accepted = " or ".join(describe(k) for k in sorted(function.accepts, key=lambda k: k.value))
             self.sink.emit("T413", f"`{expr.func}` takes {accepted}, not {describe(kind)}", expr.args[0].span,
                            help=function.summary)
         return function.returns
@@ -343,12 +354,13 @@ class _Kinds:
             self.sink.emit("T406", f"argument `{keyword.name}` must be a number", keyword.value.span)
 
     def _check_keywords(self, expr: ir.Call, function) -> None:
-        given = set()
+        given, guessed = set(), set()
         for keyword in expr.keywords:
             spec = function.keyword(keyword.name)
             if spec is None:
                 known = [k.name for k in function.keywords]
                 guess = difflib.get_close_matches(keyword.name, known, n=1)
+                guessed.update(guess)  # `rnak=` is one mistake, not also a missing `rank=`
                 self.sink.emit("T406", f"`{expr.func}` has no argument `{keyword.name}`", keyword.span,
                                help=f"did you mean `{guess[0]}`?" if guess else
                                (f"its arguments: {', '.join(known)}" if known else f"`{expr.func}` takes none"))
@@ -360,7 +372,7 @@ class _Kinds:
                                help=f"one of {', '.join(repr(c) for c in spec.choices)}" if spec.choices else "")
             given.add(keyword.name)
         for spec in function.keywords:
-            if spec.required and spec.name not in given:
+            if spec.required and spec.name not in given and spec.name not in guessed:
                 self.sink.emit("T406", f"`{expr.func}` needs `{spec.name}=`", expr.span,
                                help=f"`{spec.name}`: {spec.description}")
 
@@ -406,7 +418,7 @@ def _check_op(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
             return
     if function.equal_ranks:
         _check_equal_ranks(analysis, leaf, sink)
-    if leaf.func == "pem":
+    if leaf.func == "pem" and leaf.arg.kind is Kind.LORA:
         sink.emit_once("T411", "`pem` adds A and B factors separately (the paper's parameter-space arithmetic); "
                        "its delta has cross terms Bⱼ·Aᵢ and is not the sum of the adapters' deltas", leaf.span,
                        help="write the expression without `pem(...)` for the exact sum of deltas")

@@ -88,7 +88,9 @@ def parse_expression(text: str, scalar: Span, sink: Sink, *, quoted: bool = Fals
         sink.emit("S102", f"expression nests {depth} levels deep (the limit is {MAX_DEPTH})", scalar,
                   help="split it into named compositions")
         return None
-    return _Builder(span_at, sink).build(tree)
+    builder = _Builder(span_at, sink)
+    expr = builder.build(tree)
+    return None if builder.failed else expr  # a number too large to represent (T408)
 
 
 def _depth(tree: Tree) -> int:
@@ -144,6 +146,7 @@ class _Builder:
 
     def __init__(self, span_at, sink: Sink):
         self.span_at, self.sink = span_at, sink
+        self.failed = False
 
     def span(self, item: Tree | Token) -> Span:
         if isinstance(item, Token):
@@ -164,8 +167,9 @@ class _Builder:
     def _to_number(self, token: Token, span: Span) -> ir.Number:
         value = float(token)
         if not math.isfinite(value):
-            self.sink.emit("T408", f"number `{token}` is too large to represent", span)
-            value = 0.0
+            self.sink.emit("T408", f"number `{token}` is too large to represent", span,
+                           help="numbers are 64-bit floats, up to about 1.8e308")
+            self.failed, value = True, 0.0
         return ir.Number(value=value, span=span)
 
     def _number(self, tree: Tree) -> ir.Expr:

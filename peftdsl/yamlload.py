@@ -24,7 +24,24 @@ MAX_NODES = 20_000
 MAX_DEPTH = 64
 
 class RecipeLoader(yaml.SafeLoader):
-    """The safe loader, with YAML 1.2 floats: `1e-3` is a number, not the string YAML 1.1 makes it."""
+    """The safe loader, with YAML 1.2 floats: `1e-3` is a number, not the string YAML 1.1 makes it.
+
+    It notes every alias (`*x`) it composes, so the recipe can refuse them (Y007): an alias
+    makes two places share one node, and with it one position. Aliases that are the value
+    of a `<<` merge key are left to the merge key's own diagnostic.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases: list[tuple[yaml.AliasEvent, yaml.Node | None]] = []
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            merge = isinstance(index, yaml.ScalarNode) and index.tag == "tag:yaml.org,2002:merge"
+            if not merge:
+                self.aliases.append((event, self.anchors.get(event.anchor)))
+        return super().compose_node(parent, index)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -69,8 +86,11 @@ class _TooComplex(Exception):
 
 def load_yaml(source: SourceFile, sink: Sink) -> LoadedYaml | None:
     """Parse `source`; report Y001/Y002/Y007 to `sink`; None when unusable."""
+    loader = RecipeLoader(source.text)
     try:
-        nodes = list(yaml.compose_all(source.text, Loader=RecipeLoader))
+        nodes = []
+        while loader.check_node():
+            nodes.append(loader.get_node())
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = mark.index if mark is not None else 0
@@ -79,6 +99,17 @@ def load_yaml(source: SourceFile, sink: Sink) -> LoadedYaml | None:
         return None
     except yaml.YAMLError as err:  # reader errors: NUL bytes, bad encodings
         sink.emit("Y001", f"invalid YAML: {_first_line(str(err))}", Span(source, 0, 0))
+        return None
+    finally:
+        loader.dispose()
+    if loader.aliases:  # the first one is enough: the file is refused either way
+        alias, anchor = loader.aliases[0]
+        more = len(loader.aliases) - 1
+        sink.emit("Y007", f"YAML alias `*{alias.anchor}` is not allowed in a recipe",
+                  Span(source, alias.start_mark.index, alias.end_mark.index),
+                  labels=_label(_node_span(source, anchor), "its anchor") if anchor is not None else (),
+                  help="write the value out in full; aliases hide where a value was written",
+                  notes=(f"the file has {more} more alias{'es' if more > 1 else ''}",) if more else ())
         return None
     if len(nodes) > 1:
         second = nodes[1]
@@ -126,21 +157,34 @@ class _Walker:
         quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
         self.spans[path] = Located(_trim(span, node), key_span, quoted)
         if node.tag not in _STANDARD_TAGS:
-            self.sink.emit("Y007", f"YAML tag `{node.tag}` is not allowed in a recipe", span,
+            shown = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
+            self.sink.emit("Y007", f"YAML tag `{shown}` is not allowed in a recipe", span,
                            help="recipes use plain YAML values only")
-            return None
+            node = self._untagged(node)  # read on as if untagged, so one tag is one error
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path, depth)
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(item, (*path, i), None, depth + 1) for i, item in enumerate(node.value)]
         return self._scalar(node, span)
 
+    def _untagged(self, node: yaml.Node) -> yaml.Node:
+        if isinstance(node, yaml.ScalarNode):
+            tag = self.constructor.resolve(yaml.ScalarNode, node.value, (True, False))
+            return yaml.ScalarNode(tag, node.value, node.start_mark, node.end_mark, style=node.style)
+        kind, tag = ((yaml.MappingNode, "map") if isinstance(node, yaml.MappingNode) else (yaml.SequenceNode, "seq"))
+        return kind("tag:yaml.org,2002:" + tag, node.value, node.start_mark, node.end_mark,
+                    flow_style=node.flow_style)
+
     def _mapping(self, node: yaml.MappingNode, path: Path_, depth: int) -> dict:
         out: dict[str, Any] = {}
         first_seen: dict[str, Span] = {}
         for key_node, value_node in node.value:
             key_span = _node_span(self.source, key_node)
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == "tag:yaml.org,2002:merge":
+                self.sink.emit("Y007", "YAML merge keys (`<<`) are not allowed in a recipe", key_span,
+                               help="write the keys out in full")
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
                 self.sink.emit("Y007", "mapping keys must be plain names", key_span)
                 continue
             key = key_node.value
