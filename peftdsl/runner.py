@@ -18,6 +18,7 @@ from peftdsl import __version__, canonical, ir
 from peftdsl.cli import EXIT_ERRORS, EXIT_OK, UsageError, check_sets, parse_sets, print_diagnostics
 from peftdsl.compiler import Options, analyse, sweep_points
 from peftdsl.diagnostics import Sink
+from peftdsl.lock import sha256_file
 
 Kind = ir.Kind
 
@@ -60,14 +61,6 @@ def _selected_outputs(analysis, only: list[str]) -> list[ir.Output]:
 
 
 # ---------------------------------------------------------------- before compute
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verify_pins(state: RunState, *, locked: bool) -> None:

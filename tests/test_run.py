@@ -420,7 +420,7 @@ outputs:
 
 
 def test_pins_are_checked_before_any_compute(lab: Path, tmp_path: Path, capsys):
-    from peftdsl.runner import sha256_file
+    from peftdsl.lock import sha256_file
 
     good = sha256_file(lab / "a" / "adapter_model.safetensors")
     bad = "0" * 64
