@@ -102,9 +102,9 @@ def atomic_output(target: Path, *, force: bool) -> Iterator[Path]:
     reader sees the old output or the new one, never a mix.
     """
     target = Path(target).absolute()
+    clean_leftovers(target)  # first: it may put back an output a killed run had moved aside
     check_output_free(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target)
     tmp = _sibling(target, _TMP_TAG)
     tmp.mkdir()
     try:
@@ -388,8 +388,12 @@ def _check_feedforward_exact(targets: list[str], feedforward: list[str]) -> None
             raise ValueError(f"module `{name}` would be taken for a feed-forward module by PEFT's suffix match")
 
 
-def _json_bytes(value: Any) -> bytes:
+def json_bytes(value: Any) -> bytes:
+    """JSON as every output writes it: sorted keys, indent 2, a trailing newline (stable diffs)."""
     return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+_json_bytes = json_bytes  # the name runner.py used first
 
 
 def write_adapter(
@@ -403,10 +407,10 @@ def write_adapter(
     """Write an adapter directory atomically; the same arguments give the same bytes."""
     target = Path(target)
     with atomic_output(target, force=force) as tmp:
-        (tmp / ADAPTER_CONFIG).write_bytes(_json_bytes(dict(config)))
+        (tmp / ADAPTER_CONFIG).write_bytes(json_bytes(dict(config)))
         ordered = {key: tensors[key].contiguous() for key in sorted(tensors)}
         save_file(ordered, str(tmp / ADAPTER_WEIGHTS), metadata=dict(SAFETENSORS_METADATA))
-        (tmp / PROVENANCE).write_bytes(_json_bytes(dict(provenance)))
+        (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
     return target
 
 
@@ -655,56 +659,58 @@ def plan_shards(
     return shards
 
 
-def tied_aliases(base_dir: Path, stored: Collection[str]) -> dict[str, list[str]]:
-    """Map each stored tensor to the names of parameters tied to it but absent from the files.
+def tied_groups(base_dir: Path, stored: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """Map each stored tensor that is tied to other parameters to its whole group.
 
-    With ``tie_word_embeddings`` the base stores the shared tensor once (e.g.
-    ``model.embed_tokens.weight``) and ``lm_head.weight`` is the same Parameter.
+    With ``tie_word_embeddings`` the base usually stores the shared tensor once
+    (``model.embed_tokens.weight``) and ``lm_head.weight`` is the same Parameter.
     The architecture is instantiated on the meta device (no memory, no weights)
-    and parameters sharing one object are grouped, exactly as ``save_pretrained``
-    deduplicates them. Unknown architectures give no aliases.
+    and parameters sharing one object are grouped, which is exactly how
+    ``save_pretrained`` deduplicates them. Groups are in parameter order, so
+    every stored copy of a group (some checkpoints keep both) gets the same
+    deltas in the same order. An architecture transformers cannot build gives
+    no groups; :func:`write_merged`'s ``expect`` check then catches any delta
+    aimed at a tensor that is not stored.
     """
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(base_dir)
-        if not getattr(config, "tie_word_embeddings", False):
-            return {}
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # noqa: BLE001 — an architecture transformers cannot build has no known ties
+    except Exception:  # noqa: BLE001 — no model, no known ties
         return {}
-    groups: dict[int, list[str]] = {}
+    by_parameter: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    aliases: dict[str, list[str]] = {}
-    for names in groups.values():
-        kept = [name for name in names if name in stored]
-        missing = sorted(name for name in names if name not in stored)
-        if len(kept) == 1 and missing:
-            aliases[kept[0]] = missing
-    return aliases
+        by_parameter.setdefault(id(param), []).append(name)
+    groups: dict[str, tuple[str, ...]] = {}
+    for names in by_parameter.values():
+        if len(names) > 1:
+            groups.update({name: tuple(names) for name in names if name in stored})
+    return groups
 
 
 def _merged_tensor(
-    entry: TensorEntry, tensor: torch.Tensor, transform: Transform, aliases: list[str], dtype: torch.dtype | None
+    entry: TensorEntry, tensor: torch.Tensor, transform: Transform, names: tuple[str, ...], dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """Apply the transform under the stored name and every tied alias, then cast.
+    """Apply the transform under every name of the tensor's tie group, then cast once.
 
-    A delta on a tied alias (``lm_head`` of a tied model) lands on the one
-    shared tensor, as PEFT's merge does: it assigns to the shared Parameter, so
-    ``merge_and_unload`` + ``save_pretrained`` keeps one tensor with both deltas.
+    A delta on a tied parameter (``lm_head`` of a tied model) lands on the one
+    shared tensor, as in PEFT's merge, which assigns to the shared Parameter:
+    ``merge_and_unload`` + ``save_pretrained`` keeps one tensor with both deltas
+    and the config stays tied. (The merged model then differs from the unmerged
+    PeftModel, where each delta acts on one side only; PEFT warns about it.)
     """
     if not tensor.is_floating_point():
         return tensor.contiguous()
-    current = tensor
-    for name in (entry.name, *aliases):
-        changed = transform(name, current.to(torch.float32))
+    current = tensor.to(torch.float32)
+    for name in names:
+        changed = transform(name, current)
         if changed is not None:
             if tuple(changed.shape) != entry.shape:
                 raise ValueError(f"transform changed the shape of `{name}`: {entry.shape} -> {tuple(changed.shape)}")
-            current = changed
+            current = changed.to(torch.float32)
     return current.to(dtype or entry.dtype).contiguous()
 
 
@@ -718,6 +724,7 @@ def write_merged(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     allow_pickle: bool = False,
     expect: Collection[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the base model with ``transform`` applied to its weights, streaming shard by shard.
 
@@ -726,6 +733,7 @@ def write_merged(
     ``expect`` (default: ``transform.weight_names`` when it has one) names the
     tensors the transform changes; a name that is neither stored nor tied to a
     stored tensor is an error, so no delta is ever dropped silently.
+    ``provenance`` is written as ``peftdsl.json`` inside the same atomic rename.
     Peak memory is about one output shard.
     """
     base_dir = Path(base_dir)
@@ -734,16 +742,18 @@ def write_merged(
     sources = base_weight_files(base_dir, allow_pickle=allow_pickle)
     entries = [entry for source in sources for entry in _read_entries(source)]
     stored = {entry.name for entry in entries}
-    aliases = tied_aliases(base_dir, stored)
-    _check_expected(expect if expect is not None else getattr(transform, "weight_names", ()), stored, aliases)
+    groups = tied_groups(base_dir, stored)
+    _check_expected(expect if expect is not None else getattr(transform, "weight_names", ()), stored, groups)
     shards = plan_shards(entries, lambda e: _output_dtype(e, out_dtype), max_shard_bytes)
     with atomic_output(Path(target), force=force) as tmp:
-        weight_map = _write_shards(tmp, shards, transform, aliases, out_dtype)
+        weight_map = _write_shards(tmp, shards, transform, groups, out_dtype)
         total = sum(entry.nbytes(_output_dtype(entry, out_dtype)) for entry in entries)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_bytes(_json_bytes(index))
+        (tmp / "model.safetensors.index.json").write_bytes(json_bytes(index))
         _write_config(base_dir, tmp, out_dtype)
         _copy_side_files(base_dir, tmp)
+        if provenance is not None:
+            (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
     return Path(target)
 
 
@@ -751,8 +761,8 @@ def _output_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if (dtype is not None and entry.dtype.is_floating_point) else entry.dtype
 
 
-def _check_expected(expect: Collection[str], stored: set[str], aliases: Mapping[str, list[str]]) -> None:
-    reachable = stored | {alias for names in aliases.values() for alias in names}
+def _check_expected(expect: Collection[str], stored: set[str], groups: Mapping[str, tuple[str, ...]]) -> None:
+    reachable = stored | {name for names in groups.values() for name in names}
     missing = sorted(set(expect) - reachable)
     if missing:
         raise KeyError(f"the base model has no tensor named {', '.join(f'`{name}`' for name in missing)}")
@@ -762,7 +772,7 @@ def _write_shards(
     tmp: Path,
     shards: list[list[TensorEntry]],
     transform: Transform,
-    aliases: Mapping[str, list[str]],
+    groups: Mapping[str, tuple[str, ...]],
     dtype: torch.dtype | None,
 ) -> dict[str, str]:
     """Stream tensors in plan order, one input file open at a time, flushing each output shard."""
@@ -774,7 +784,8 @@ def _write_shards(
             for entry in shard:
                 streamed_entry, tensor = next(tensors)
                 assert streamed_entry is entry
-                batch[entry.name] = _merged_tensor(entry, tensor, transform, aliases.get(entry.name, []), dtype)
+                names = groups.get(entry.name, (entry.name,))
+                batch[entry.name] = _merged_tensor(entry, tensor, transform, names, dtype)
                 weight_map[entry.name] = filename
             save_file(batch, str(tmp / filename), metadata=dict(SAFETENSORS_METADATA))
             del batch
@@ -812,7 +823,7 @@ def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None) -> None:
     fields = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
     for key in fields:
         config[key] = name
-    (tmp / "config.json").write_bytes(_json_bytes(config))
+    (tmp / "config.json").write_bytes(json_bytes(config))
 
 
 def _copy_side_files(base_dir: Path, tmp: Path) -> None:

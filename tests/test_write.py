@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -311,6 +313,8 @@ def test_merged_lora_gpt2_conv1d_and_tied_embeddings(tmp_path):
     assert {d.layout for d in factors.values()} == {"conv1d", "embedding", "linear"}
     transform = merge_transform(factors)
     assert "lm_head.weight" in transform.weight_names  # tied: only transformer.wte.weight is stored
+    stored = set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])
+    assert write.tied_groups(base, stored) == {"transformer.wte.weight": ("transformer.wte.weight", "lm_head.weight")}
     out = write_merged(tmp_path / "merged", base_dir=base, transform=transform, force=False, max_shard_bytes=50_000)
 
     model, state = loaded_state(out)
@@ -344,9 +348,10 @@ def test_merged_rerun_is_byte_identical(tmp_path, llama_base, llama_lora):
     factors = lora_factors(load_peft(AutoModelForCausalLM.from_pretrained(llama_base), {"default": llama_lora}))
     runs = [
         write_merged(tmp_path / name, base_dir=llama_base, transform=merge_transform(factors), force=False,
-                     max_shard_bytes=100_000)
+                     max_shard_bytes=100_000, provenance=PROVENANCE)
         for name in ("a", "b")
     ]
+    assert json.loads((runs[0] / "peftdsl.json").read_text()) == PROVENANCE
     assert files_bytes(runs[0]) == files_bytes(runs[1])
 
 
@@ -455,5 +460,27 @@ def test_old_output_moved_aside_by_a_killed_run_is_restored(tmp_path):
     old = tmp_path / ".out.peftdsl-old-999999999-deadbeef"
     old.mkdir()
     (old / "kept.txt").write_text("kept")
-    write.clean_leftovers(target)
-    assert files_bytes(target) == {"kept.txt": b"kept"} and siblings(target) == []
+    ran = []
+    with pytest.raises(OutputExists):
+        with atomic_output(target, force=False):
+            ran.append(True)
+    assert ran == [] and files_bytes(target) == {"kept.txt": b"kept"} and siblings(target) == []
+
+
+def test_a_killed_run_leaves_no_output_and_its_temp_is_cleaned(tmp_path):
+    target = tmp_path / "out"
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from peftdsl.write import atomic_output\n"
+        "with atomic_output(Path(sys.argv[1]), force=False) as tmp:\n"
+        "    (tmp / 'half.bin').write_bytes(b'x')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", script, str(target)], env=env, timeout=120)
+    assert result.returncode == -9
+    assert not target.exists() and len(siblings(target)) == 1  # what SIGKILL leaves behind
+    with atomic_output(target, force=False) as tmp:
+        (tmp / "done.txt").write_text("done")
+    assert files_bytes(target) == {"done.txt": b"done"} and siblings(target) == []
