@@ -9,6 +9,7 @@ seeded, non-zero values, so no comparison is vacuous.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -291,6 +292,27 @@ def test_merged_lora_llama_equals_merge_and_unload(tmp_path, llama_base, llama_l
         assert (out / name).read_text() == text
     assert (out / "generation_config.json").read_bytes() == (llama_base / "generation_config.json").read_bytes()
     assert_states_close(loaded_state(out)[1], reference_merge(llama_base, llama_lora), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_streams_one_base_file_at_a_time(tmp_path, llama_base, monkeypatch):
+    opened, open_now, most = [], [0], [0]
+    real_reader = write._tensor_reader
+
+    @contextlib.contextmanager
+    def counting_reader(source):
+        opened.append(source.name)
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            with real_reader(source) as read:
+                yield read
+        finally:
+            open_now[0] -= 1
+
+    monkeypatch.setattr(write, "_tensor_reader", counting_reader)
+    write_merged(tmp_path / "merged", base_dir=llama_base, transform=lambda n, t: None, force=False)
+    base_files = sorted(path.name for path in llama_base.glob("model-*.safetensors"))
+    assert opened == base_files and most[0] == 1 and open_now[0] == 0
 
 
 def test_merged_bfloat16_output(tmp_path, llama_base, llama_lora):
