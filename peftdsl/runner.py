@@ -109,11 +109,10 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
             params = {p.name: p.value for p in recipe.params} | overrides
             if evals:
                 results, selected = _evaluate(state, executor, evals, params, overrides, args, console)
-                if selected:
-                    params |= selected
-                    canonical.canonicalise(analysis, Sink(), params)
+                params |= selected or {}
+                canonical.canonicalise(analysis, Sink(), params)  # sweeps leave the last point's forms
             for out in _selected_outputs(analysis, args.only):
-                _write_output(state, executor, out, params, device, args.force)
+                _write_output(state, executor, out, params, device, args.force, args.allow_pickle)
                 console.print(f"wrote {out.name} -> {out.path}")
         except _RunFailed:
             print_diagnostics(state.sink.items, "full", sys.stderr.isatty())
@@ -203,7 +202,8 @@ def _provenance(state: RunState, out: ir.Output, params: dict, device, dtype: st
     }
 
 
-def _write_output(state: RunState, executor, out: ir.Output, params: dict, device, force: bool) -> None:
+def _write_output(state: RunState, executor, out: ir.Output, params: dict, device, force: bool,
+                  allow_pickle: bool) -> None:
     from peftdsl import write
 
     analysis = state.analysis
@@ -213,8 +213,7 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
     try:
         if out.merge:
             write.write_merged(out.path, base_dir=analysis.base.path, transform=write.merge_transform(deltas),
-                               dtype=out.dtype, force=force, allow_pickle=False)
-            (out.path / "peftdsl.json").write_bytes(write._json_bytes(provenance))
+                               dtype=out.dtype, force=force, allow_pickle=allow_pickle, provenance=provenance)
             return
         from peftdsl.lower import adapter_leaves
 
@@ -228,8 +227,13 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
         state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                         help="pass --force to replace it")
         raise _RunFailed() from None
-    except OSError as err:
-        state.sink.emit("R601", f"writing `{out.name}` failed: {err.strerror or err}", out.span,
+    except write.PickledWeights as err:
+        state.sink.emit("I310", f"the base model stores its weights as a pickle (`{err.path.name}`)",
+                        state.analysis.recipe.base_span,
+                        help="convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
+        raise _RunFailed() from None
+    except (OSError, KeyError, ValueError) as err:
+        state.sink.emit("R601", f"writing `{out.name}` failed: {getattr(err, 'strerror', None) or err}", out.span,
                         help="nothing was left half-written at the output path")
         raise _RunFailed() from None
 
@@ -237,44 +241,34 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
 # ---------------------------------------------------------------- evaluation and sweeps
 
 
-def _eval_specs(recipe, evals):
-    from peftdsl.evaluate import EvalSpec
-
-    specs = []
-    for target in evals:
-        options = {k: v for k, v in target.options if k != "dtype"}
-        specs.append(EvalSpec(name=target.name, metric=target.metric, data=target.data, models=target.models,
-                              seed=recipe.seed, **options))
-    return specs
-
-
 def _evaluate(state: RunState, executor, evals, params, overrides, args, console):
-    from peftdsl.evaluate import EvalDataError, evaluate_models, load_base
+    from peftdsl.evaluate import EvalDataError
     from peftdsl.report import select_best
+    from peftdsl.sweep import PointJob, RayMissing, evaluate_point, run_on_ray
 
     recipe = state.analysis.recipe
-    dtype = next((dict(t.options).get("dtype") for t in evals if dict(t.options).get("dtype")), None)
+    points = sweep_points(recipe, overrides) or [{}]
+    jobs = [PointJob(recipe=recipe.path, params=tuple(sorted((params | point).items())),
+                     point=tuple(point.items()), device=str(executor.device), quiet=args.quiet,
+                     allow_pickle=args.allow_pickle) for point in points]
     try:
-        model, tokenizer = load_base(recipe.base_path or recipe.base, device=str(executor.device), dtype=dtype)
-    except (OSError, ValueError) as err:
+        if args.executor == "ray":
+            results = run_on_ray(jobs, args.address)
+        else:
+            results = []
+            for job in jobs:
+                if job.point:
+                    console.print("sweep point " + ", ".join(f"{k}={v:g}" for k, v in job.point))
+                results.extend(evaluate_point(state.analysis, executor, job,
+                                              lambda name: _deltas(state, executor, name)))
+    except RayMissing as err:
+        raise UsageError(str(err)) from None
+    except EvalDataError as err:
+        state.sink.emit("E501", f"evaluation data: {err}", evals[0].span)
+        raise _RunFailed() from None
+    except OSError as err:
         state.sink.emit("E501", f"cannot load base model `{recipe.base}`: {_first_line(err)}", recipe.base_span)
         raise _RunFailed() from None
-    specs = _eval_specs(recipe, evals)
-    points = sweep_points(recipe, overrides) or [{}]
-    results = []
-    for point in points:
-        point_params = params | point
-        if point:
-            canonical.canonicalise(state.analysis, Sink(), point_params)
-            console.print("sweep point " + ", ".join(f"{k}={v:g}" for k, v in point.items()))
-        models = {m for spec in specs for m in spec.models if m != "base"}
-        deltas = {m: _deltas(state, executor, m) for m in sorted(models)}
-        try:
-            results.extend(evaluate_models(model, tokenizer, specs, deltas, params=point, device=executor.device,
-                                           quiet=args.quiet))
-        except EvalDataError as err:
-            state.sink.emit("E501", f"evaluation data: {err}", evals[0].span)
-            raise _RunFailed() from None
     selected = None
     sweep = recipe.sweep
     if sweep is not None and sweep.select is not None and points != [{}]:

@@ -234,3 +234,33 @@ def load_peft(
         peft_model.load_adapter(directory, adapter_name=name)
     peft_model.eval()
     return peft_model
+
+
+# Words of the tiny tokenizer: enough for short English-like test sentences.
+TOKENIZER_WORDS = (
+    "the a cat dog bird sat ran flew on under over mat log tree is was good bad great awful "
+    "movie film game food it this that and very not i you we like love hate yes no positive negative"
+).split()
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A word-level tokenizer (ids 0–3 special, BOS added) that fits the tiny models' vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(dict.fromkeys(TOKENIZER_WORDS))})
+    assert len(vocab) <= vocab_size
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def save_tiny_llama_with_tokenizer(directory: str | Path, seed: int = 0, **kw) -> Path:
+    """A tiny Llama with a tokenizer saved beside it: a base that `eval` entries can run on."""
+    path = save_tiny_llama(directory, seed, **kw)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,99 @@
+"""Evaluating grid points: in process, or as Ray tasks (`--executor ray`).
+
+One function, `evaluate_point`, computes a point's compositions and evaluates them;
+the local executor calls it in a loop with the base model loaded once, and the Ray
+executor calls it inside tasks (one GPU per task where the cluster has GPUs), so
+both give the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftdsl import canonical
+from peftdsl.diagnostics import Sink
+
+
+@dataclass(frozen=True)
+class PointJob:
+    """Everything a worker needs to evaluate one grid point from the recipe file alone."""
+
+    recipe: Path
+    params: tuple[tuple[str, float], ...]  # all params at this point (sets and sweep values)
+    point: tuple[tuple[str, float], ...]  # the swept values, for the report
+    device: str
+    quiet: bool = True
+    allow_pickle: bool = False
+    threads: int = 0  # torch CPU threads: the same count as the driver gives the same bytes
+
+
+class RayMissing(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=2)
+def _base_model(path: str, device: str, dtype: str | None):
+    from peftdsl.evaluate import load_base
+
+    return load_base(path, device=device, dtype=dtype)
+
+
+def eval_dtype(evals) -> str | None:
+    return next((dict(t.options).get("dtype") for t in evals if dict(t.options).get("dtype")), None)
+
+
+def evaluate_point(analysis, executor, job: PointJob, compute_deltas) -> list:
+    """Compositions at `job.params`, then every eval entry on them; report rows."""
+    from peftdsl.evaluate import EvalSpec, evaluate_models
+
+    recipe = analysis.recipe
+    canonical.canonicalise(analysis, Sink(), dict(job.params))
+    specs = [EvalSpec(name=t.name, metric=t.metric, data=t.data, models=t.models, seed=recipe.seed,
+                      **{k: v for k, v in t.options if k != "dtype"}) for t in recipe.evals]
+    models = sorted({m for spec in specs for m in spec.models if m != "base"})
+    deltas = {m: compute_deltas(m) for m in models}
+    model, tokenizer = _base_model(str(recipe.base_path or recipe.base), job.device, eval_dtype(recipe.evals))
+    return evaluate_models(model, tokenizer, specs, deltas, params=dict(job.point), device=job.device,
+                           quiet=job.quiet)
+
+
+def _remote_point(job: PointJob) -> list[dict]:
+    """A Ray task: rebuild the front end from the recipe file, evaluate one point."""
+    from peftdsl.compiler import Options, analyse
+    from peftdsl.execute import Executor
+    from peftdsl.lower import lower
+
+    sink = Sink()
+    analysis = analyse(job.recipe, sink, Options(use_files=True, allow_pickle=job.allow_pickle,
+                                                 overrides=job.params))
+    if analysis is None or sink.has_errors():
+        raise RuntimeError(f"the recipe does not compile on the worker: {sink.errors[0].message}")
+    import torch
+
+    if job.threads:  # Ray starts workers with one thread; reductions in another order differ in the last bit
+        torch.set_num_threads(job.threads)
+    with Executor(analysis, device=torch.device(job.device), seed=analysis.recipe.seed) as executor:
+        rows = evaluate_point(analysis, executor, job, lambda name: executor.run(lower(analysis, name)))
+    return [row.to_json() for row in rows]
+
+
+def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
+    """Every job as a Ray task, results in grid order (identical to the local executor's)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise RayMissing("--executor ray needs Ray: pip install 'peftdsl[ray]'") from err
+    from peftdsl.report import Result
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    import torch
+
+    threads = torch.get_num_threads()
+    jobs = [PointJob(**{**job.__dict__, "device": "cuda" if gpus else "cpu", "threads": threads}) for job in jobs]
+    task = ray.remote(num_gpus=gpus, max_retries=0)(_remote_point)
+    rows = ray.get([task.remote(job) for job in jobs])
+    return [Result(**{**row, "value": row["value"]}) for batch in rows for row in batch]
