@@ -99,6 +99,10 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
         device = pick_device(args.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    reported = len(state.sink.items)
+    if not args.force and not _fits_in_memory(state, args, device):
+        print_diagnostics(state.sink.items[reported:], "full", sys.stderr.isatty())
+        return EXIT_ERRORS
     console = _console(args.quiet)
     recipe = analysis.recipe
     results, selected = [], None
@@ -115,7 +119,7 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
                 _write_output(state, executor, out, params, device, args.force, args.allow_pickle)
                 console.print(f"wrote {out.name} -> {out.path}")
         except _RunFailed:
-            print_diagnostics(state.sink.items, "full", sys.stderr.isatty())
+            print_diagnostics(state.sink.items[reported:], "full", sys.stderr.isatty())
             return EXIT_ERRORS
     if results:
         _report(state, results, selected, args, console)
@@ -125,6 +129,65 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
 
 class _RunFailed(Exception):
     pass
+
+
+# ---------------------------------------------------------------- resource guard
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for this run: MemAvailable on the host, or free memory on the CUDA device."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def planned_memory(state: RunState, args) -> tuple[int, str]:
+    """Peak bytes the plan needs, and the task that needs them (see DESIGN §6 on streaming).
+
+    The executor holds one chunk of a group at a time (at most its chunk budget) plus
+    the task's float32 results; evaluation also holds the base model.
+    """
+    from peftdsl.execute import DEFAULT_CHUNK_BYTES
+    from peftdsl.lower import estimate, lower
+
+    analysis = state.analysis
+    names = [o.name for o in _selected_outputs(analysis, args.only)]
+    evals = [] if args.no_eval else analysis.recipe.evals
+    names += [m for t in evals for m in t.models if m != "base"]
+    base_bytes = 0
+    if evals and analysis.base is not None:
+        base_bytes = sum(t.offsets[1] - t.offsets[0] for t in analysis.base.weights.values())
+    peak, worst = 0, ""
+    for name in dict.fromkeys(names):
+        est = estimate(analysis, lower(analysis, name))
+        need = est.bytes_written + min(est.peak_bytes, DEFAULT_CHUNK_BYTES)
+        if need > peak:
+            peak, worst = need, name
+    return peak + base_bytes, worst
+
+
+def _fits_in_memory(state: RunState, args, device) -> bool:
+    free = available_memory(device)
+    if free is None:
+        return True
+    needed, worst = planned_memory(state, args)
+    if needed <= free:
+        return True
+    recipe = state.analysis.recipe
+    span = recipe.composition(worst).span if recipe.composition(worst) else recipe.span
+    state.sink.emit("R603", f"the plan needs about {needed / 2**30:.2f} GiB ({'`' + worst + '`' if worst else 'base'}) "
+                    f"but only {free / 2**30:.2f} GiB is free on {device}", span,
+                    help="free memory, run on another device, or pass --force to try anyway")
+    return False
 
 
 def _console(quiet: bool):

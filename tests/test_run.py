@@ -463,3 +463,21 @@ outputs:
         gpu = output_deltas(tmp_path / "cuda" / name, lab / "base", LLAMA_MODULES)
         for module in LLAMA_MODULES:
             torch.testing.assert_close(gpu[module], cpu[module], atol=1e-5, rtol=1e-4)
+
+
+def test_resource_guard_refuses_a_plan_that_cannot_fit(lab: Path, tmp_path: Path, monkeypatch, capsys):
+    import peftdsl.runner as runner
+
+    monkeypatch.setattr(runner, "available_memory", lambda device: 1024)
+    recipe = write_recipe(lab, f"""peftdsl: 1
+adapters: {{a: a, b: b}}
+compose:
+  mix: a + b
+outputs:
+  mix: {tmp_path}/mix
+""", name="guard.yaml")
+    assert run(recipe) == 1
+    err = capsys.readouterr().err
+    assert "error[R603]" in err and "GiB" in err and "--force" in err
+    assert not (tmp_path / "mix").exists()
+    assert run(recipe, "--force") == 0
