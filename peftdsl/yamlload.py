@@ -86,8 +86,9 @@ class _TooComplex(Exception):
 
 def load_yaml(source: SourceFile, sink: Sink) -> LoadedYaml | None:
     """Parse `source`; report Y001/Y002/Y007 to `sink`; None when unusable."""
-    loader = RecipeLoader(source.text)
+    loader = None
     try:
+        loader = RecipeLoader(source.text)  # its reader refuses NUL bytes and the like at once
         nodes = []
         while loader.check_node():
             nodes.append(loader.get_node())
@@ -101,7 +102,8 @@ def load_yaml(source: SourceFile, sink: Sink) -> LoadedYaml | None:
         sink.emit("Y001", f"invalid YAML: {_first_line(str(err))}", Span(source, 0, 0))
         return None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if loader.aliases:  # the first one is enough: the file is refused either way
         alias, anchor = loader.aliases[0]
         more = len(loader.aliases) - 1
@@ -200,7 +202,7 @@ class _Walker:
     def _scalar(self, node: yaml.ScalarNode, span: Span) -> Any:
         try:
             return self.constructor.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError, OverflowError) as err:
+        except (yaml.YAMLError, ValueError, OverflowError, IndexError, TypeError) as err:  # `!!float ""`
             self.sink.emit("Y001", f"invalid YAML value: {_first_line(str(err))}", span)
             return None
 
