@@ -259,7 +259,7 @@ def _shape(shape) -> str:
 def infer_kinds(analysis: Analysis, sink: Sink) -> None:
     """Give every composition a kind; report operators and calls that do not type."""
     for comp in analysis.recipe.compose:
-        kind = _Kinds(analysis, sink).of(comp.expr)
+        kind = KindInference(analysis, sink).of(comp.expr)
         if kind is Kind.SCALAR:
             sink.emit("T412", f"composition `{comp.name}` is a number, not an adapter", comp.span,
                       help="put numbers under `params:`")
@@ -267,7 +267,7 @@ def infer_kinds(analysis: Analysis, sink: Sink) -> None:
         analysis.kinds[comp.name] = kind
 
 
-class _Kinds:
+class KindInference:
     def __init__(self, analysis: Analysis, sink: Sink):
         self.analysis, self.sink = analysis, sink
         self.params = {p.name for p in analysis.recipe.params}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from peftdsl import ir
-from peftdsl.check import Analysis
+from peftdsl.check import Analysis, KindInference
+from peftdsl.diagnostics import Sink
 
 
 def explain(analysis: Analysis) -> str:
@@ -28,6 +29,7 @@ def explain(analysis: Analysis) -> str:
         kind = analysis.kinds.get(comp.name)
         lines.append(f"  {comp.name} : {kind or '?'}")
         lines.append(f"    expr       {ir.to_source(comp.expr)}")
+        lines.extend(f"      {line}" for line in typed_tree(analysis, comp.expr))
         form = analysis.canonical.get(comp.name)
         if form is not None:
             lines.append(f"    canonical  {ir.combination_text(form)}")
@@ -35,6 +37,44 @@ def explain(analysis: Analysis) -> str:
     if plan_text:
         lines.extend(["", *plan_text])
     return "\n".join(lines)
+
+
+def typed_tree(analysis: Analysis, expr: ir.Expr) -> list[str]:
+    """The expression as a tree, each node with its kind: the typed IR."""
+    kinds = KindInference(analysis, Sink())
+    lines: list[str] = []
+
+    def visit(node: ir.Expr, prefix: str, last: bool, root: bool) -> None:
+        branch = "" if root else ("└─ " if last else "├─ ")
+        lines.append(f"{prefix}{branch}{_label(node)} : {kinds.of(node) or '?'}")
+        children = _children(node)
+        inner = prefix if root else prefix + ("   " if last else "│  ")
+        for i, child in enumerate(children):
+            visit(child, inner, i == len(children) - 1, False)
+
+    visit(expr, "", True, True)
+    return lines
+
+
+def _label(node: ir.Expr) -> str:
+    if isinstance(node, ir.Binary):
+        return {"+": "add", "-": "sub", "*": "mul", "/": "div"}[node.op]
+    if isinstance(node, ir.Neg):
+        return "neg"
+    if isinstance(node, ir.Call):
+        options = ", ".join(f"{k.name}={ir.to_source(k.value)}" for k in node.keywords)
+        return f"{node.func}({options})" if options else node.func
+    return ir.to_source(node)
+
+
+def _children(node: ir.Expr) -> list[ir.Expr]:
+    if isinstance(node, ir.Binary):
+        return [node.left, node.right]
+    if isinstance(node, ir.Neg):
+        return [node.operand]
+    if isinstance(node, ir.Call):
+        return list(node.args)
+    return []
 
 
 def _plan(analysis: Analysis) -> list[str]:
