@@ -334,7 +334,7 @@ def test_explain_prints_canonical_forms(tmp_path, capsys):
     capsys.readouterr()
     assert main(["explain", "--no-inputs", str(path)]) == EXIT_OK
     out = capsys.readouterr().out
-    canonical = dict(re.findall(r"^  (\w+) : \w+\n    expr .*\n    canonical  (.*)$", out, re.MULTILINE))
+    canonical = dict(re.findall(r"^  (\w+) : \w+\n    expr .*\n(?:      .*\n)*    canonical  (.*)$", out, re.MULTILINE))
     assert canonical == {
         "detox": "chat - 0.4*toxic",
         "mix": "0.5*chat + 0.5*toxic",
