@@ -8,6 +8,7 @@ input does not cascade into a screenful of errors.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
@@ -155,7 +156,7 @@ def read_inputs(analysis: Analysis, sink: Sink, *, use_files: bool, allow_pickle
             analysis.base = read_base(recipe.base_path)
         except InputError as err:
             sink.emit(err.code, _as_written(err.message, recipe.base_path, recipe.base), recipe.base_span,
-                      help=err.help)
+                      help=err.help or ("paths are relative to the recipe's folder" if err.code == "I301" else ""))
     elif use_files and recipe.base and recipe.base.startswith("hf:"):
         from peftdsl.inputs import resolve_hf
 
@@ -164,6 +165,7 @@ def read_inputs(analysis: Analysis, sink: Sink, *, use_files: bool, allow_pickle
         except InputError as err:
             sink.emit(err.code, err.message, recipe.base_span, help=err.help)
     _check_base_names(analysis, sink)
+    _settle_layouts(analysis)
     _check_shapes(analysis, sink)
 
 
@@ -193,6 +195,37 @@ def _check_declared(adapter: ir.Adapter, info: AdapterInfo, sink: Sink) -> None:
     if adapter.rank is not None and info.kind is Kind.LORA and adapter.rank != info.rank:
         sink.emit("I305", f"adapter `{adapter.name}` is declared rank {adapter.rank} but its config says "
                   f"r={info.rank}", adapter.name_span, help=f"declare `rank: {info.rank}`")
+
+
+# transformers models whose projections are `Conv1D` (weights stored in×out).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def _settle_layouts(analysis: Analysis) -> None:
+    """Take each module's layout from the base when there is one, as PEFT does at load time.
+
+    PEFT decides `fan_in_fan_out` per module from its type (and rewrites the flag for
+    `Conv1D`), so an adapter's config may say `false` for GPT-2's Conv1D modules. The
+    base's weight shape tells which layout holds; for square weights its model type does.
+    """
+    base = analysis.base
+    if base is None or not base.weights:
+        return
+    conv1d_model = base.config.get("model_type") in CONV1D_MODEL_TYPES
+    for info in analysis.adapters.values():
+        for name, module in list(info.modules.items()):
+            weight = base.module_weight(name)
+            if module.layout == "embedding" or module.rank == 0 or weight is None:
+                continue
+            shape, out_in = tuple(weight.shape), (module.out_features, module.in_features)
+            if shape == out_in[::-1] and shape != out_in:
+                layout = "conv1d"
+            elif shape == out_in and shape != out_in[::-1]:
+                layout = "linear"
+            else:
+                layout = "conv1d" if conv1d_model else "linear"
+            if layout != module.layout:
+                info.modules[name] = dataclasses.replace(module, layout=layout)
 
 
 def _check_base_names(analysis: Analysis, sink: Sink) -> None:

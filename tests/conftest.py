@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,5 +85,7 @@ def _check_header(weights: Path) -> None:
 @pytest.fixture(scope="session")
 def corpus_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
-    build_fixtures(root / "fixtures")
+    with warnings.catch_warnings():  # PEFT's remarks about the made-up base model names
+        warnings.simplefilter("ignore")
+        build_fixtures(root / "fixtures")
     return root
