@@ -481,3 +481,29 @@ outputs:
     assert "error[R603]" in err and "GiB" in err and "--force" in err
     assert not (tmp_path / "mix").exists()
     assert run(recipe, "--force") == 0
+
+
+def test_gpt2_layout_comes_from_the_base_when_the_config_says_otherwise(tmp_path: Path):
+    """PEFT rewrites `fan_in_fan_out` for Conv1D at load time; a config saying false must not
+    make the merge add an untransposed delta (c_proj is square: the shape alone cannot tell)."""
+    save_tiny_gpt2(tmp_path / "base")
+    make_lora(tmp_path / "a", base="gpt2", seed=1, targets=("c_attn", "c_proj"))
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["fan_in_fan_out"] = False
+    config_path.write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, """peftdsl: 1
+base: base
+adapters: {a: a}
+compose:
+  m: 2 * a
+outputs:
+  m: {path: merged, merge: true}
+""")
+    assert run(recipe) == 0
+    reference = load_peft(tmp_path / "base", {"a": tmp_path / "a"})
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    for module in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"):
+        want = base[f"{module}.weight"] + 2 * delta(reference, "a", module)
+        torch.testing.assert_close(merged[f"{module}.weight"], want, atol=1e-6, rtol=1e-5)
