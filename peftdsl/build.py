@@ -27,6 +27,24 @@ RESERVED = frozenset(("base", *FUNCTIONS))
 _NAME = re.compile(schema.NAME_PATTERN)
 
 
+def resolve_location(folder: Path, location: str) -> Path:
+    """`location` against the recipe's folder; a path no file can have stays as written.
+
+    `~user` with no such user stays unexpanded, and a path with a NUL character (YAML's
+    `"\\0"`) or too long for the OS is not resolved, so the stage that looks for the file
+    reports it missing (I301) instead of crashing here.
+    """
+    path = Path(location)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # `~nouser/...`
+        pass
+    try:
+        return (folder / path).resolve()
+    except (OSError, ValueError):
+        return folder / path
+
+
 def read_source(path: Path) -> SourceFile:
     """Read a recipe as text; undecodable bytes are replaced so the loader can say where."""
     data = path.read_bytes()
@@ -226,7 +244,7 @@ class _Builder:
     def _resolve(self, location: str) -> Path | None:
         if location.startswith("hf:"):
             return None
-        return (self.folder / Path(location).expanduser()).resolve()
+        return resolve_location(self.folder, location)
 
     def _define(self, section: str, name: str) -> Span:
         """Check a definition's name: pattern, reserved, unique across sections."""

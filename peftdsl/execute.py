@@ -77,7 +77,11 @@ class Executor:
     def _file(self, adapter: str):
         if adapter not in self._files:
             path = self.analysis.adapters[adapter].weights
-            self._files[adapter] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            if path.suffix == ".bin":  # the front end accepted it: `run --allow-pickle`
+                self._files[adapter] = _PickledFile(path)
+            else:
+                self._files[adapter] = self._stack.enter_context(
+                    safe_open(str(path), framework="pt", device="cpu"))
         return self._files[adapter]
 
     # ------------------------------------------------------------ driving
@@ -121,6 +125,21 @@ class Executor:
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
         return Ia3(torch.stack([self._read(adapter, info.keys[0]) for info in infos]).to(self.device, torch.float32))
+
+
+class _PickledFile:
+    """`safe_open`'s `get_tensor` over a pickled state dict, loaded with `weights_only=True`."""
+
+    def __init__(self, path):
+        from peftdsl.inputs import InputError, load_pickled
+
+        try:
+            self._state = load_pickled(path)
+        except InputError as err:
+            raise InputDataError(err.message) from err
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -8,10 +8,12 @@ peft: this runs in a pre-commit hook.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,13 +151,59 @@ def _tensor_info(path: Path, key: str, entry: object, data_size: int) -> TensorI
 # ---------------------------------------------------------------- adapters
 
 
+def path_kind(path: Path) -> str | None:
+    """`dir`, `file`, `other` (a FIFO, a device…), or None when no such file can be found.
+
+    A name too long for the OS or holding a NUL character is as absent as a missing
+    one (`Path.exists` raises on the former); a file we may not read says so.
+    """
+    try:
+        mode = path.stat().st_mode
+    except ValueError:
+        return None
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL):
+            return None
+        raise InputError("I301", f"cannot access `{path}`: {err.strerror or err}") from err
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
+def _confined(folder: Path, path: Path) -> Path:
+    """``path`` (a file of the adapter in ``folder``), refused unless it stays inside.
+
+    The security policy for adapter folders (docs/reliability.md): an adapter's files
+    may be symlinks only to files inside the adapter's folder, so that a shared or
+    downloaded adapter cannot make peftdsl read (and hash, and copy into provenance)
+    a file elsewhere on the machine. A Hugging Face cache snapshot
+    (`models--org--name/snapshots/<rev>/`) links its files into the repo's `blobs/`;
+    there the repo's cache folder is the boundary. Anything that is not a regular
+    file (a FIFO, a device) is refused too: reading it could block or never end.
+    """
+    boundary = folder.resolve()
+    if boundary.parent.name == "snapshots" and boundary.parent.parent.name.startswith("models--"):
+        boundary = boundary.parent.parent
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise InputError("I304", f"`{path.name}` cannot be resolved ({err})") from err
+    if not target.is_relative_to(boundary):
+        raise InputError("I312", f"`{path.name}` is a link to `{target}`, outside the adapter's folder",
+                         "copy the file into the adapter's folder; peftdsl follows links only inside it")
+    if path_kind(target) == "other":
+        raise InputError("I304", f"`{path.name}` is not a regular file")
+    return path
+
+
 def locate_adapter(adapter: ir.Adapter) -> Path:
     """The adapter's folder: a local path, or an `hf:` source found in the Hugging Face cache."""
     if adapter.path is not None:
-        if not adapter.path.exists():
+        kind = path_kind(adapter.path)
+        if kind is None:
             raise InputError("I301", f"adapter folder `{adapter.location}` does not exist",
                              "paths are relative to the recipe's folder")
-        if not adapter.path.is_dir():
+        if kind != "dir":
             raise InputError("I301", f"`{adapter.location}` is not a folder")
         return adapter.path
     return resolve_hf(adapter.location)
@@ -179,8 +227,14 @@ def resolve_hf(location: str) -> Path:
 
 
 def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> AdapterInfo:
-    config = _read_json(folder / "adapter_config.json", "I302")
+    config_file = folder / "adapter_config.json"
+    if config_file.is_symlink():
+        _confined(folder, config_file)
+    config = _read_json(config_file, "I302")
     peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise InputError("I302", f"adapter `{name}`: `adapter_config.json` has no `peft_type`",
+                         "PEFT's save_pretrained writes it; is this a PEFT adapter folder?")
     if peft_type not in SUPPORTED_TYPES:
         raise InputError("I303", f"adapter `{name}` is a `{peft_type}` adapter; peftdsl composes LoRA and (IA)³",
                          "only LORA and IA3 adapters are linear in their parameters")
@@ -188,16 +242,11 @@ def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> Adap
         if config.get(flag):
             raise InputError("I303", f"adapter `{name}` uses `{flag}`: {reason}",
                              "composing it would silently give a wrong result")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.exists():
-        pickled = folder / "adapter_model.bin"
-        if pickled.exists() and not allow_pickle:
-            raise InputError("I310", f"adapter `{name}` stores its weights as a pickle (`adapter_model.bin`)",
-                             "convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
-        if not pickled.exists():
-            raise InputError("I304", f"adapter `{name}` has no `adapter_model.safetensors`")
-        raise InputError("I310", "pickled adapters are read only by `run --allow-pickle`")
-    tensors, _ = read_safetensors_header(weights)
+    weights = adapter_weights(name, folder, allow_pickle=allow_pickle)
+    if weights.suffix == ".bin":
+        tensors = read_pickled_shapes(weights)
+    else:
+        tensors, _ = read_safetensors_header(weights)
     kind = SUPPORTED_TYPES[peft_type]
     modules = _lora_modules(name, config, tensors) if kind is ir.Kind.LORA else _ia3_modules(name, config, tensors)
     full = sorted(k for k in tensors if not _is_factor(k) and not k.endswith(".base_layer.weight"))
@@ -207,6 +256,58 @@ def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> Adap
                          "retrain without `modules_to_save`, or drop those tensors")
     return AdapterInfo(name=name, kind=kind, path=folder, weights=weights, config=config, modules=modules,
                        base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"))
+
+
+def adapter_weights(name: str, folder: Path, *, allow_pickle: bool = False) -> Path:
+    """The adapter's weights file: `adapter_model.safetensors`, else (when allowed) the pickle."""
+    weights = folder / "adapter_model.safetensors"
+    if weights.exists() or weights.is_symlink():
+        return _confined(folder, weights)
+    pickled = folder / "adapter_model.bin"
+    if not (pickled.exists() or pickled.is_symlink()):
+        raise InputError("I304", f"adapter `{name}` has no `adapter_model.safetensors`")
+    if not allow_pickle:
+        raise InputError("I310", f"adapter `{name}` stores its weights as a pickle (`adapter_model.bin`)",
+                         "convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
+    return _confined(folder, pickled)
+
+
+def load_pickled(path: Path) -> dict:
+    """A pickled state dict, loaded with `weights_only=True` (tensors only, never code).
+
+    Only reached with `--allow-pickle`; torch is imported here, so `lint` stays torch-free.
+    Whatever the file holds besides a flat mapping of names to tensors is refused (I304).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) checkpoints cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError,
+            AttributeError, ImportError, IndexError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError("I304", f"`{path.name}` cannot be loaded with weights_only=True: {first}",
+                         "a pickle that needs more than tensors to load is refused") from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError("I304", f"`{path.name}` is not a mapping of tensor names to tensors")
+    return state
+
+
+_TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                 "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32",
+                 "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def read_pickled_shapes(path: Path) -> dict[str, TensorInfo]:
+    """The `TensorInfo`s of a pickled state dict (a pickle has no header: it is loaded)."""
+    return {key: TensorInfo(_TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."), str(t.dtype)),
+                            tuple(t.shape), (0, 0))
+            for key, t in load_pickled(path).items()}
 
 
 def _is_factor(key: str) -> bool:
@@ -237,7 +338,7 @@ def pattern_key(patterns: dict, module: str) -> str | None:
 
 
 def _strip(key: str, suffix: str) -> str:
-    module = key[: -len(suffix)]
+    module = key[: len(key) - len(suffix)]  # not key[:-len(suffix)]: an empty suffix would give ""
     return module[len(ADAPTER_PREFIX):] if module.startswith(ADAPTER_PREFIX) else module
 
 
@@ -319,7 +420,7 @@ def _ia3_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> dic
 
 
 def read_base(folder: Path) -> BaseInfo:
-    if not folder.is_dir():
+    if path_kind(folder) != "dir":
         raise InputError("I301", f"base model folder `{folder}` does not exist")
     config = _read_json(folder / "config.json", "I304")
     index = folder / "model.safetensors.index.json"

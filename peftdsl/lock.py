@@ -15,7 +15,7 @@ from pathlib import Path
 
 from peftdsl.build import build_recipe, read_source
 from peftdsl.diagnostics import Sink
-from peftdsl.inputs import InputError, locate_adapter
+from peftdsl.inputs import InputError, adapter_weights, locate_adapter
 from peftdsl.yamlload import load_yaml
 
 
@@ -37,7 +37,9 @@ def lock_command(args) -> int:
     if recipe is not None:
         for adapter in recipe.adapters:
             try:
-                pins[adapter.name] = sha256_file(locate_adapter(adapter) / "adapter_model.safetensors")
+                # The file `run` reads and checks the pin of: the safetensors, else a pickle.
+                weights = adapter_weights(adapter.name, locate_adapter(adapter), allow_pickle=True)
+                pins[adapter.name] = sha256_file(weights)
             except InputError as err:
                 sink.emit(err.code, err.message, adapter.span, help=err.help)
             except OSError as err:

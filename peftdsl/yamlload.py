@@ -101,6 +101,11 @@ def load_yaml(source: SourceFile, sink: Sink) -> LoadedYaml | None:
     except yaml.YAMLError as err:  # reader errors: NUL bytes, bad encodings
         sink.emit("Y001", f"invalid YAML: {_first_line(str(err))}", Span(source, 0, 0))
         return None
+    except RecursionError:  # PyYAML composes nested collections recursively: `[[[[…` thousands deep
+        at = min(loader.pointer, len(source.text)) if loader is not None else 0
+        sink.emit("Y007", f"the recipe nests deeper than {MAX_DEPTH} levels", Span(source, at, at),
+                  help="a recipe needs a few levels of nesting; write the values out")
+        return None
     finally:
         if loader is not None:
             loader.dispose()

@@ -56,6 +56,11 @@ def build_fixtures(folder: Path) -> None:
     shutil.copy(folder / "lora_r4" / "adapter_config.json", pickled)
     torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
     (folder / "not_a_folder.txt").write_text("a file, not an adapter folder\n")
+    # Weights that are a symlink out of the adapter's folder (I312), to a sibling's file.
+    linked = folder / "link_outside"
+    linked.mkdir()
+    shutil.copy(folder / "lora_r4" / "adapter_config.json", linked)
+    (linked / "adapter_model.safetensors").symlink_to(Path("..") / "lora_r4" / "adapter_model.safetensors")
     data = folder / "data"
     data.mkdir()
     (data / "toxic.txt").write_text("a line of text\nanother line\n")
