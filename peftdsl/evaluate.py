@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -154,8 +155,8 @@ def _field(row: dict, name: str, path: Path, line: int, kind: type | tuple[type,
 
 @contextmanager
 def _progress(description: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (nothing when quiet); yields an ``advance(n)``."""
-    if quiet:
+    """A rich progress bar on stderr (nothing when quiet or not a terminal); yields an ``advance(n)``."""
+    if quiet or not sys.stderr.isatty():  # logs and CI get the table, not bar redraws
         yield lambda n: None
         return
     from rich.console import Console
@@ -528,6 +529,9 @@ def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # peftdsl draws its own progress; one bar per load is noise
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)

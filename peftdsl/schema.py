@@ -46,7 +46,8 @@ class OutputSpec(_Strict):
 class EvalSpec(_Strict):
     """One evaluation target (DESIGN §4)."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    # Eval names are labels, not expression names: `toxic-ppl` (DESIGN §1) is fine.
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
     models: list[str] = Field(min_length=1, description="adapters, compositions, or `base`")
     metric: Literal["perplexity", "accuracy", "generate"]
     data: str = Field(description=".txt (a sequence per line) or .jsonl")
