@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file as _save_file
 
 Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
@@ -224,6 +224,21 @@ def _fsync_dir(folder: Path) -> None:
         pass  # some file systems refuse fsync on directories
     finally:
         os.close(fd)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, with its I/O failures as the ``OSError`` they are.
+
+    The Rust writer reports a full disk as ``SafetensorError("… No space left on
+    device (os error 28)")``; callers handle ``OSError`` (the runner's R601).
+    """
+    try:
+        _save_file(tensors, filename, metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), filename) from err
 
 
 # =========================================================================== adapter files
