@@ -92,7 +92,7 @@ class Executor:
         for group in task.groups:
             for chunk in self._chunks(task, group):
                 value = _Evaluation(self, chunk).combination(task.form)
-                results.update(_split(value, chunk))
+                results.update(_check_finite_results(_split(value, chunk)))
         return dict(sorted(results.items()))
 
     def _chunks(self, task: Task, group: Group) -> list[Group]:
@@ -140,6 +140,16 @@ class _PickledFile:
 
     def get_tensor(self, key: str) -> torch.Tensor:
         return self._state[key]
+
+
+def _check_finite_results(results: dict) -> dict:
+    """Finite inputs can still overflow float32 (`1e38 * a + 1e38 * a`): never write Inf or NaN."""
+    for module, delta in results.items():
+        tensors = [getattr(delta, name) for name in ("A", "B", "delta", "l") if hasattr(delta, name)]
+        if not all(_all_finite(t) for t in tensors):
+            raise InputDataError(f"the result for module `{module}` is not finite (float32 overflow): "
+                                 "scale the coefficients down")
+    return results
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

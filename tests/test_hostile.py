@@ -204,6 +204,19 @@ def test_nan_and_inf_tensors_are_named_by_the_run(fx, tmp_path, value, expressio
     assert "recipe.yaml:5:" in text  # points at the composition
 
 
+@pytest.mark.parametrize("adapter, expression, words", [
+    ("lora_r4", "1e38 * a + 1e38 * a", ("not finite", "overflow")),
+    ("lora_r4", "1e300 * a", ("not finite", "overflow")),
+    ("ia3", "1e40 * a - 1e40 * b", ("not finite", "overflow")),
+    ("lora_r4", "svd(1e38 * a + 1e38 * a, rank=2)", ("non-finite",)),
+])
+def test_results_that_overflow_float32_are_not_written(fx, tmp_path, adapter, expression, words):
+    """Finite inputs, finite coefficients, an infinite result: R601, never an adapter full of Inf."""
+    path = recipe(tmp_path, {"a": fx / adapter, "b": fx / f"{adapter}_b" if adapter == "ia3" else fx / "lora_r4b"},
+                  expression)
+    assert_refused(tmp_path, path, "R601", *words, command="run")
+
+
 def test_shapes_that_disagree_with_r(fx, tmp_path):
     assert_refused(tmp_path, recipe(tmp_path, {"a": fx / "rank_lie"}), "I304", "rank 4", "r=6")
 
