@@ -29,7 +29,7 @@ class RunState:
     sink: Sink
     hashes: dict[str, str] = field(default_factory=dict)
     recipe_sha256: str = ""
-    messages: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # outputs complete on disk, in order
 
 
 def run_command(args) -> int:
@@ -83,7 +83,12 @@ def _verify_pins(state: RunState, *, locked: bool) -> None:
 
 def _check_outputs_free(state: RunState, args) -> None:
     for out in _selected_outputs(state.analysis, args.only):
-        if out.path.exists() and not args.force:
+        try:
+            exists = out.path.exists()
+        except OSError as err:  # e.g. a component longer than the file system allows
+            state.sink.emit("R601", f"output path of `{out.name}` cannot be used: {err.strerror or err}", out.span)
+            continue
+        if exists and not args.force:
             state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                             help="pass --force to replace it")
 
@@ -117,6 +122,7 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
                 canonical.canonicalise(analysis, Sink(), params)  # sweeps leave the last point's forms
             for out in _selected_outputs(analysis, args.only):
                 _write_output(state, executor, out, params, device, args.force, args.allow_pickle)
+                state.written.append(out.name)
                 console.print(f"wrote {out.name} -> {out.path}")
         except _RunFailed:
             print_diagnostics(state.sink.items[reported:], "full", sys.stderr.isatty())
@@ -214,8 +220,10 @@ def _deltas(state: RunState, executor, name: str):
 
 
 def _fail(state: RunState, code: str, message: str, task) -> None:
+    written = ", ".join(f"`{name}`" for name in state.written)
     state.sink.emit(code, message, task.spans[0] if task.spans else None,
-                    help="check the adapters' files; nothing was written")
+                    help=f"check the adapters' files; outputs {written} were written whole before this, "
+                    "the rest not at all" if written else "check the adapters' files; nothing was written")
     raise _RunFailed()
 
 
@@ -308,6 +316,7 @@ def _evaluate(state: RunState, executor, evals, params, overrides, args, console
     from peftdsl.evaluate import EvalDataError
     from peftdsl.report import select_best
     from peftdsl.sweep import PointJob, RayMissing, evaluate_point, run_on_ray
+    from peftdsl.write import PickledWeights
 
     recipe = state.analysis.recipe
     points = sweep_points(recipe, overrides) or [{}]
@@ -326,6 +335,11 @@ def _evaluate(state: RunState, executor, evals, params, overrides, args, console
                                               lambda name: _deltas(state, executor, name)))
     except RayMissing as err:
         raise UsageError(str(err)) from None
+    except PickledWeights as err:
+        state.sink.emit("I310", f"the base model stores its weights as a pickle (`{err.path.name}`)",
+                        recipe.base_span, help="convert it to safetensors, or pass --allow-pickle to load it "
+                        "with weights_only=True")
+        raise _RunFailed() from None
     except EvalDataError as err:
         state.sink.emit("E501", f"evaluation data: {err}", evals[0].span)
         raise _RunFailed() from None

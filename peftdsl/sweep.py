@@ -54,7 +54,11 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas) -> list:
                       **{k: v for k, v in t.options if k != "dtype"}) for t in recipe.evals]
     models = sorted({m for spec in specs for m in spec.models if m != "base"})
     deltas = {m: compute_deltas(m) for m in models}
-    model, tokenizer = _base_model(str(recipe.base_path or recipe.base), job.device, eval_dtype(recipe.evals))
+    from peftdsl.write import base_weight_files
+
+    base = recipe.base_path or (analysis.base.path if analysis.base else Path(recipe.base))
+    base_weight_files(base, allow_pickle=job.allow_pickle)  # a pickled base needs --allow-pickle here too
+    model, tokenizer = _base_model(str(base), job.device, eval_dtype(recipe.evals))
     return evaluate_models(model, tokenizer, specs, deltas, params=dict(job.point), device=job.device,
                            quiet=job.quiet)
 
