@@ -521,5 +521,5 @@ def _check_evals(analysis: Analysis, sink: Sink) -> None:
         if suffix not in (".txt", ".jsonl"):
             sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`; data is .txt or .jsonl",
                       target.span)
-        elif target.metric != "perplexity" and suffix == ".txt":
+        elif target.metric == "accuracy" and suffix == ".txt":
             sink.emit("E501", f"metric `{target.metric}` reads rows from .jsonl, not .txt", target.span)
