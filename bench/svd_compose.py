@@ -141,7 +141,7 @@ def main() -> None:
     else:
         shape, proc = (11008, 4096), dict(layers=4, hidden=1024, inter=2752)
         cuda = args.device.startswith("cuda")
-        repeats, peft_repeats, proc_repeats = (10, 5, 3) if cuda else (5, 3, 3)
+        repeats, peft_repeats, proc_repeats = (10, 5, 2) if cuda else (5, 3, 3)
     if args.repeats:
         repeats = peft_repeats = proc_repeats = args.repeats
     peft_repeats = args.peft_repeats or peft_repeats
