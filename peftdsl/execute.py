@@ -10,10 +10,12 @@ one chunk, not a whole model. Results come back per module, on the CPU, in float
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from peftdsl import ir, kernels
 from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta
@@ -80,8 +82,7 @@ class Executor:
             if path.suffix == ".bin":  # the front end accepted it: `run --allow-pickle`
                 self._files[adapter] = _PickledFile(path)
             else:
-                self._files[adapter] = self._stack.enter_context(
-                    safe_open(str(path), framework="pt", device="cpu"))
+                self._files[adapter] = self._stack.enter_context(_SafetensorsReader(path))
         return self._files[adapter]
 
     # ------------------------------------------------------------ driving
@@ -89,11 +90,16 @@ class Executor:
     def run(self, task: Task) -> dict[str, LoraDelta | DenseDelta | IA3Delta]:
         """Every module's result, keyed by module name, in sorted order."""
         results: dict[str, LoraDelta | DenseDelta | IA3Delta] = {}
+        for chunk in self.stream(task):
+            results.update(chunk)
+        return dict(sorted(results.items()))
+
+    def stream(self, task: Task) -> Iterator[dict[str, LoraDelta | DenseDelta | IA3Delta]]:
+        """The results chunk by chunk, so that a writer can store each and let it go."""
         for group in task.groups:
             for chunk in self._chunks(task, group):
                 value = _Evaluation(self, chunk).combination(task.form)
-                results.update(_check_finite_results(_split(value, chunk)))
-        return dict(sorted(results.items()))
+                yield _check_finite_results(_split(value, chunk))
 
     def _chunks(self, task: Task, group: Group) -> list[Group]:
         per_module = _bytes_per_module(task, group)
@@ -104,31 +110,70 @@ class Executor:
 
     # ------------------------------------------------------------ reading
 
-    def _read(self, adapter: str, key: str) -> torch.Tensor:
-        """One tensor, checked: a NaN or Inf in an input would silently poison every output."""
+    def _read_stack(self, adapter: str, keys: list[str]) -> torch.Tensor:
+        """One tensor per key, stacked, on the device in float32, and checked: a NaN or Inf
+        in an input would silently poison every output."""
         try:
-            tensor = self._file(adapter).get_tensor(key)
-        except SafetensorError as err:
-            raise InputDataError(f"adapter `{adapter}`: cannot read `{key}` ({err})") from err
-        if not _all_finite(tensor):
-            raise InputDataError(f"adapter `{adapter}`: `{key}` holds NaN or infinite values")
-        return tensor
+            stacked = self._file(adapter).read_stacked(keys)
+        except (SafetensorError, OSError) as err:
+            raise InputDataError(f"adapter `{adapter}`: cannot read `{keys[0]}` ({err})") from err
+        if not _all_finite(stacked):
+            bad = next(k for k, t in zip(keys, stacked) if not _all_finite(t))
+            raise InputDataError(f"adapter `{adapter}`: `{bad}` holds NaN or infinite values")
+        return stacked.to(self.device, torch.float32)
 
     def read_lora(self, adapter: str, group: Group) -> Lora:
         infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
-        A = torch.stack([self._read(adapter, info.keys[0]) for info in infos]).to(self.device, torch.float32)
-        B = torch.stack([self._read(adapter, info.keys[1]) for info in infos]).to(self.device, torch.float32)
+        A = self._read_stack(adapter, [info.keys[0] for info in infos])
+        B = self._read_stack(adapter, [info.keys[1] for info in infos])
         scales = [info.scaling for info in infos]
         scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32, device=self.device)
         return Lora(A, B, scale)
 
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
-        return Ia3(torch.stack([self._read(adapter, info.keys[0]) for info in infos]).to(self.device, torch.float32))
+        return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class _SafetensorsReader:
+    """Reads a group's tensors straight into one stacked buffer with `os.preadv`.
+
+    No memory map: pages read do not stay in the process's resident memory for the
+    whole run, and the group's stack is filled in place instead of copied from views.
+    Offsets come from the header that the front end already validated.
+    """
+
+    def __init__(self, path):
+        from peftdsl.inputs import read_safetensors_header
+
+        self.tensors, _ = read_safetensors_header(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.data_start = 8 + int.from_bytes(os.pread(self.fd, 8, 0), "little")
+
+    def __enter__(self) -> _SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def read_stacked(self, keys: list[str]) -> torch.Tensor:
+        infos = [self.tensors[key] for key in keys]
+        dtype, shape = _TORCH_DTYPES.get(infos[0].dtype), infos[0].shape
+        if dtype is None or any(i.dtype != infos[0].dtype or i.shape != shape for i in infos):
+            raise OSError(f"tensors of one group must share a float dtype and shape, got {infos[0].dtype}")
+        size = infos[0].offsets[1] - infos[0].offsets[0]
+        raw = torch.empty((len(keys), size), dtype=torch.uint8)
+        for row, info in zip(raw.numpy(), infos):
+            if os.preadv(self.fd, [row], self.data_start + info.offsets[0]) != size:
+                raise OSError("the file is shorter than its header says (truncated while running?)")
+        return raw.view(dtype).reshape(len(keys), *shape)
 
 
 class _PickledFile:
-    """`safe_open`'s `get_tensor` over a pickled state dict, loaded with `weights_only=True`."""
+    """The reader interface over a pickled state dict, loaded with `weights_only=True`."""
 
     def __init__(self, path):
         from peftdsl.inputs import InputError, load_pickled
@@ -138,8 +183,8 @@ class _PickledFile:
         except InputError as err:
             raise InputDataError(err.message) from err
 
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._state[key]
+    def read_stacked(self, keys: list[str]) -> torch.Tensor:
+        return torch.stack([self._state[key] for key in keys])
 
 
 def _check_finite_results(results: dict) -> dict:

@@ -8,6 +8,7 @@ atomically; nothing half-written is ever left in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -19,7 +20,7 @@ from peftdsl.cli import EXIT_ERRORS, EXIT_OK, UsageError, check_sets, parse_sets
 from peftdsl.compiler import Options, analyse, sweep_points
 from peftdsl.diagnostics import Sink
 from peftdsl.lock import sha256_file
-from peftdsl.lower import adapter_leaves, estimate, lower
+from peftdsl.lower import adapter_leaves, estimate, group_rank, lower
 
 Kind = ir.Kind
 
@@ -205,15 +206,22 @@ def _console(quiet: bool):
 def _deltas(state: RunState, executor, name: str):
     """Every module's delta for composition (or adapter) `name`; failures become R601/R603."""
     task = lower(state.analysis, name)
-    try:
+    with _task_errors(state, task, name):
         return executor.run(task)
+
+
+@contextlib.contextmanager
+def _task_errors(state: RunState, task, name: str):
+    """Turn what can go wrong while computing `name` into a diagnostic at its recipe span."""
+    try:
+        yield
     except MemoryError:
         _fail(state, "R603", f"out of memory computing `{name}`", task)
     except RuntimeError as err:
         if "out of memory" in str(err).lower():
             _fail(state, "R603", f"out of memory computing `{name}`: {_first_line(err)}", task)
         _fail(state, "R601", f"computing `{name}` failed: {_first_line(err)}", task)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # unreadable or non-finite input data (execute.InputDataError)
         _fail(state, "R601", f"computing `{name}` failed: {_first_line(err)}", task)
 
 
@@ -272,20 +280,21 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
     from peftdsl import write
 
     analysis = state.analysis
-    deltas = _deltas(state, executor, out.name)
+    form = analysis.canonical[out.name]
     dtype = _output_dtype(state, out, out.name)
     provenance = _provenance(state, out, params, device, dtype)
+    template = analysis.adapters[adapter_leaves(form)[0]].config
     try:
         if out.merge:
+            deltas = _deltas(state, executor, out.name)
             write.write_merged(out.path, base_dir=analysis.base.path, transform=write.merge_transform(deltas),
                                dtype=out.dtype, force=force, allow_pickle=allow_pickle, provenance=provenance)
-            return
-        template = analysis.adapters[adapter_leaves(analysis.canonical[out.name])[0]].config
-        if analysis.canonical[out.name].kind is Kind.IA3:
+        elif form.kind is Kind.IA3:
+            deltas = _deltas(state, executor, out.name)
             config, tensors = write.ia3_adapter_files(deltas, template=template, dtype=dtype)
+            write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
         else:
-            config, tensors = write.lora_adapter_files(deltas, template=template, dtype=dtype)
-        write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
+            _stream_lora_output(state, executor, out, template, dtype, provenance, force)
     except write.OutputExists:
         state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                         help="pass --force to replace it")
@@ -299,6 +308,40 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
         state.sink.emit("R601", f"writing `{out.name}` failed: {getattr(err, 'strerror', None) or err}", out.span,
                         help="nothing was left half-written at the output path")
         raise _RunFailed() from None
+
+
+def _stream_lora_output(state: RunState, executor, out: ir.Output, template: dict, dtype: str,
+                        provenance: dict, force: bool) -> None:
+    """A LoRA adapter written a chunk at a time: the plan gives every shape, so the file's
+    header goes first and no more than one chunk of the output is ever in memory."""
+    import torch
+
+    from peftdsl import write
+
+    task = lower(state.analysis, out.name)
+    torch_dtype = getattr(torch, dtype)
+    ranks, layouts, specs = {}, set(), {}
+    for group in task.groups:
+        rank = group_rank(task.form, group)
+        layouts.add(group.layout)
+        for module in group.modules:
+            ranks[module] = rank
+            key_a, key_b = write.lora_keys(module, group.layout)
+            specs[key_a] = (torch_dtype, (rank, group.in_features))
+            specs[key_b] = (torch_dtype, (group.out_features, rank))
+
+    def chunks():
+        with _task_errors(state, task, out.name):
+            for chunk in executor.stream(task):
+                tensors = {}
+                for module, delta in chunk.items():
+                    key_a, key_b = write.lora_keys(module, delta.layout)
+                    tensors[key_a], tensors[key_b] = delta.A.to(torch_dtype), delta.B.to(torch_dtype)
+                yield tensors
+
+    config = write.lora_adapter_config(ranks, layouts, template)
+    write.write_adapter_streaming(out.path, config=config, specs=specs, chunks=chunks(),
+                                  provenance=provenance, force=force)
 
 
 # ---------------------------------------------------------------- evaluation and sweeps

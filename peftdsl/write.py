@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -37,7 +38,7 @@ import shutil
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,15 +314,20 @@ def lora_adapter_files(
         ranks[name] = int(A.shape[0])
         layouts.add(layout)
         tensors.update(_lora_tensor_entries(name, A, B, layout, torch_dtype))
+    return lora_adapter_config(ranks, layouts, template), tensors
+
+
+def lora_adapter_config(ranks: Mapping[str, int], layouts: Collection[str], template: Mapping[str, Any]) -> dict:
+    """The adapter_config.json of a LoRA adapter with these ranks and scaling 1 everywhere."""
     r = most_common_rank(ranks.values())
     pattern = {exact_pattern_key(name): rank for name, rank in ranks.items() if rank != r}
-    config = {
+    return {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(modules),
+        "target_modules": sorted(ranks),
         "use_rslora": False,
         "use_dora": False,
         # PEFT picks each module's layout from its type (Conv1D, Linear, Embedding);
@@ -334,7 +340,6 @@ def lora_adapter_files(
         "inference_mode": True,
         **_template_fields(template),
     }
-    return config, tensors
 
 
 def _check_lora_shapes(name: str, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -346,13 +351,19 @@ def _lora_tensor_entries(
     name: str, A: torch.Tensor, B: torch.Tensor, layout: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """PEFT's saved key names: embeddings keep their factors as bare parameters."""
+    key_a, key_b = lora_keys(name, layout)
+    return {key_a: _stored(A, dtype), key_b: _stored(B, dtype)}
+
+
+def lora_keys(name: str, layout: str) -> tuple[str, str]:
+    """PEFT's saved key names of a module's A and B: embeddings keep bare parameters."""
     prefix = f"base_model.model.{name}"
     if layout == "embedding":
-        return {f"{prefix}.lora_embedding_A": _stored(A, dtype), f"{prefix}.lora_embedding_B": _stored(B, dtype)}
+        return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
     if layout not in ("linear", "conv1d"):
         raise ValueError(f"module `{name}`: unknown layout {layout!r}")
     # A and B are in the factor frame for conv1d too: PEFT transposes B·A when merging.
-    return {f"{prefix}.lora_A.weight": _stored(A, dtype), f"{prefix}.lora_B.weight": _stored(B, dtype)}
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
 
 
 def ia3_adapter_files(
@@ -429,6 +440,95 @@ def write_adapter(
     return target
 
 
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+class StreamingSafetensors:
+    """A safetensors file written tensor by tensor, in any order.
+
+    Every shape is known from the plan before any compute, so the header goes first
+    and each tensor is written at its offset as soon as its group is computed: an
+    output never has to be whole in memory. Bytes are those of safetensors'
+    ``save_file`` for tensors of one dtype (keys sorted, header padded to 8).
+    """
+
+    def __init__(self, path: Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str]):
+        self.path, self.specs = Path(path), dict(specs)
+        order = sorted(self.specs, key=lambda k: (-self.specs[k][0].itemsize, k))
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for key in order:
+            dtype, shape = self.specs[key]
+            size = math.prod(shape) * dtype.itemsize
+            self.offsets[key] = (position, position + size)
+            header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                           "data_offsets": [position, position + size]}
+            position += size
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self.data_start = 8 + len(encoded)
+        self.pending = set(self.specs)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(self.fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            os.ftruncate(self.fd, self.data_start + position)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.specs[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"`{key}`: planned {dtype} {list(shape)}, computed {tensor.dtype} {list(tensor.shape)}")
+        raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+        _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0])
+        self.pending.discard(key)
+
+    def close(self) -> None:
+        try:
+            if self.pending:
+                raise ValueError(f"{len(self.pending)} planned tensors were never written, e.g. {min(self.pending)}")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def write_adapter_streaming(
+    target: Path,
+    *,
+    config: Mapping[str, Any],
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    chunks: Iterable[Mapping[str, torch.Tensor]],
+    provenance: Mapping[str, Any],
+    force: bool,
+) -> Path:
+    """Write an adapter directory atomically from tensors that arrive chunk by chunk.
+
+    Gives the same bytes as :func:`write_adapter` on the same tensors.
+    """
+    target = Path(target)
+    with atomic_output(target, force=force) as tmp:
+        (tmp / ADAPTER_CONFIG).write_bytes(json_bytes(dict(config)))
+        writer = StreamingSafetensors(tmp / ADAPTER_WEIGHTS, specs, SAFETENSORS_METADATA)
+        try:
+            for chunk in chunks:
+                for key, tensor in chunk.items():
+                    writer.write(key, tensor)
+        finally:
+            writer.close()
+        (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
+    return target
+
+
 # =========================================================================== merge transforms
 
 
@@ -450,8 +550,15 @@ def add_dense_delta(W: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.
 
 
 def add_lora_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, layout: str) -> torch.Tensor:
-    """``W + B·A`` (scaling folded into B), as PEFT's LoRA merge does."""
-    return add_dense_delta(W, B.to(torch.float32) @ A.to(torch.float32), layout)
+    """``W + B·A`` (scaling folded into B), as PEFT's LoRA merge does, in one ``addmm``.
+
+    conv1d and embedding weights hold the delta transposed: ``W + Aᵀ·Bᵀ``.
+    """
+    W, A, B = W.to(torch.float32), A.to(torch.float32), B.to(torch.float32)
+    left, right = (B, A) if layout == "linear" else (A.T, B.T)
+    if (left.shape[0], right.shape[1]) != tuple(W.shape):
+        raise ValueError(f"delta of shape {(left.shape[0], right.shape[1])} does not fit weight {tuple(W.shape)}")
+    return torch.addmm(W, left, right)
 
 
 def scale_ia3(
