@@ -115,13 +115,20 @@ def exact_sum(terms: Sequence[tuple]) -> tuple[Tensor, Tensor]:
     different ranks; every term must cover every module of the group.
     """
     lora_terms = _as_terms(terms)
-    group = lora_terms[0].A.shape[0]
-    blocks_A, blocks_B = [], []
+    first = lora_terms[0]
+    group, inn, out = first.A.shape[0], first.A.shape[2], first.B.shape[1]
+    rank = sum(term.A.shape[1] for term in lora_terms)
+    # Each block is written once into the result (no scaled copies, then a cat):
+    # this is a memory-bound kernel, so every pass over the factors counts.
+    A_out = torch.empty((group, rank, inn), dtype=COMPUTE_DTYPE, device=first.A.device)
+    B_out = torch.empty((group, out, rank), dtype=COMPUTE_DTYPE, device=first.B.device)
+    start = 0
     for term in lora_terms:
-        A, B = _f32(term.A), _f32(term.B)
-        blocks_A.append(A)
-        blocks_B.append(float(term.coef) * _per_module(term.scale, group, B) * B)
-    return torch.cat(blocks_A, dim=1), torch.cat(blocks_B, dim=2)
+        stop = start + term.A.shape[1]
+        A_out[:, start:stop].copy_(term.A)
+        torch.mul(term.B, float(term.coef) * _per_module(term.scale, group, B_out), out=B_out[:, :, start:stop])
+        start = stop
+    return A_out, B_out
 
 
 def pem(terms: Sequence[tuple]) -> tuple[Tensor, Tensor]:
