@@ -864,8 +864,9 @@ def write_merged(
     sources = base_weight_files(base_dir, allow_pickle=allow_pickle)
     entries = [entry for source in sources for entry in _read_entries(source)]
     stored = {entry.name for entry in entries}
-    groups = tied_groups(base_dir, stored)
-    _check_expected(expect if expect is not None else getattr(transform, "weight_names", ()), stored, groups)
+    expected = set(expect if expect is not None else getattr(transform, "weight_names", ()))
+    groups = tied_groups(base_dir, stored) if _may_touch_tied(base_dir, expected, entries) else {}
+    _check_expected(expected, stored, groups)
     shards = plan_shards(entries, lambda e: _output_dtype(e, out_dtype), max_shard_bytes)
     with atomic_output(Path(target), force=force) as tmp:
         weight_map = _write_shards(tmp, shards, transform, groups, out_dtype)
@@ -877,6 +878,26 @@ def write_merged(
         if provenance is not None:
             (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
     return Path(target)
+
+
+def _may_touch_tied(base_dir: Path, expected: set[str], entries: list[TensorEntry]) -> bool:
+    """Whether the deltas could land on tied parameters, so that ties must be looked up.
+
+    Looking them up builds the architecture with transformers (2–3 s of imports).
+    A causal LM ties its word embeddings to its output layer, both vocab×hidden: when
+    every changed tensor is stored and none has the vocabulary's size, none is tied.
+    """
+    stored = {entry.name: entry for entry in entries}
+    if not expected <= stored.keys():
+        return True
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab, int):
+        return True
+    return any(vocab in stored[name].shape for name in expected)
 
 
 def _output_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
