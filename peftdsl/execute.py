@@ -21,6 +21,7 @@ from peftdsl import ir, kernels
 from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta
 from peftdsl.check import Analysis
 from peftdsl.lower import Group, Task
+from peftdsl.tensorio import SafetensorsReader
 
 Kind = ir.Kind
 DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024
@@ -82,7 +83,7 @@ class Executor:
             if path.suffix == ".bin":  # the front end accepted it: `run --allow-pickle`
                 self._files[adapter] = _PickledFile(path)
             else:
-                self._files[adapter] = self._stack.enter_context(_SafetensorsReader(path))
+                self._files[adapter] = self._stack.enter_context(SafetensorsReader(path))
         return self._files[adapter]
 
     # ------------------------------------------------------------ driving
@@ -134,43 +135,6 @@ class Executor:
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
         return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
-
-
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class _SafetensorsReader:
-    """Reads a group's tensors straight into one stacked buffer with `os.preadv`.
-
-    No memory map: pages read do not stay in the process's resident memory for the
-    whole run, and the group's stack is filled in place instead of copied from views.
-    Offsets come from the header that the front end already validated.
-    """
-
-    def __init__(self, path):
-        from peftdsl.inputs import read_safetensors_header
-
-        self.tensors, _ = read_safetensors_header(path)
-        self.fd = os.open(path, os.O_RDONLY)
-        self.data_start = 8 + int.from_bytes(os.pread(self.fd, 8, 0), "little")
-
-    def __enter__(self) -> _SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-    def read_stacked(self, keys: list[str]) -> torch.Tensor:
-        infos = [self.tensors[key] for key in keys]
-        dtype, shape = _TORCH_DTYPES.get(infos[0].dtype), infos[0].shape
-        if dtype is None or any(i.dtype != infos[0].dtype or i.shape != shape for i in infos):
-            raise OSError(f"tensors of one group must share a float dtype and shape, got {infos[0].dtype}")
-        size = infos[0].offsets[1] - infos[0].offsets[0]
-        raw = torch.empty((len(keys), size), dtype=torch.uint8)
-        for row, info in zip(raw.numpy(), infos):
-            if os.preadv(self.fd, [row], self.data_start + info.offsets[0]) != size:
-                raise OSError("the file is shorter than its header says (truncated while running?)")
-        return raw.view(dtype).reshape(len(keys), *shape)
 
 
 class _PickledFile:

@@ -47,6 +47,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as _save_file
 
+from peftdsl.tensorio import SafetensorsReader, StreamingSafetensors
+
 Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -440,68 +442,6 @@ def write_adapter(
     return target
 
 
-_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-class StreamingSafetensors:
-    """A safetensors file written tensor by tensor, in any order.
-
-    Every shape is known from the plan before any compute, so the header goes first
-    and each tensor is written at its offset as soon as its group is computed: an
-    output never has to be whole in memory. Bytes are those of safetensors'
-    ``save_file`` for tensors of one dtype (keys sorted, header padded to 8).
-    """
-
-    def __init__(self, path: Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str]):
-        self.path, self.specs = Path(path), dict(specs)
-        order = sorted(self.specs, key=lambda k: (-self.specs[k][0].itemsize, k))
-        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-        self.offsets: dict[str, tuple[int, int]] = {}
-        position = 0
-        for key in order:
-            dtype, shape = self.specs[key]
-            size = math.prod(shape) * dtype.itemsize
-            self.offsets[key] = (position, position + size)
-            header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
-                           "data_offsets": [position, position + size]}
-            position += size
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
-        self.data_start = 8 + len(encoded)
-        self.pending = set(self.specs)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(self.fd, len(encoded).to_bytes(8, "little") + encoded, 0)
-            os.ftruncate(self.fd, self.data_start + position)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        dtype, shape = self.specs[key]
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"`{key}`: planned {dtype} {list(shape)}, computed {tensor.dtype} {list(tensor.shape)}")
-        raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
-        _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0])
-        self.pending.discard(key)
-
-    def close(self) -> None:
-        try:
-            if self.pending:
-                raise ValueError(f"{len(self.pending)} planned tensors were never written, e.g. {min(self.pending)}")
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-
-
-def _write_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
 def write_adapter_streaming(
     target: Path,
     *,
@@ -523,8 +463,10 @@ def write_adapter_streaming(
             for chunk in chunks:
                 for key, tensor in chunk.items():
                     writer.write(key, tensor)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
     return target
 
@@ -751,10 +693,10 @@ def _load_pickle(source: Path) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def _tensor_reader(source: Path) -> Iterator[Callable[[str], torch.Tensor]]:
-    """Open one weight file; tensors are read lazily, one at a time."""
+    """Open one weight file; tensors are read lazily, one at a time, by offset (no memory map)."""
     if source.suffix == ".safetensors":
-        with safe_open(str(source), framework="pt", device="cpu") as handle:
-            yield handle.get_tensor
+        with SafetensorsReader(source) as reader:
+            yield reader.read
     else:
         state = _load_pickle(source)
         yield state.__getitem__
@@ -923,15 +865,21 @@ def _write_shards(
     with contextlib.closing(_stream(entry for shard in shards for entry in shard)) as tensors:
         for number, shard in enumerate(shards, start=1):
             filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            batch: dict[str, torch.Tensor] = {}
-            for entry in shard:
-                streamed_entry, tensor = next(tensors)
-                assert streamed_entry is entry
-                names = groups.get(entry.name, (entry.name,))
-                batch[entry.name] = _merged_tensor(entry, tensor, transform, names, dtype)
-                weight_map[entry.name] = filename
-            save_file(batch, str(tmp / filename), metadata=dict(SAFETENSORS_METADATA))
-            del batch
+            # Every shape and dtype is in the base's headers: the shard's header goes
+            # first and each tensor is written as soon as it is merged (one in memory).
+            specs = {entry.name: (_output_dtype(entry, dtype), entry.shape) for entry in shard}
+            writer = StreamingSafetensors(tmp / filename, specs, SAFETENSORS_METADATA)
+            try:
+                for entry in shard:
+                    streamed_entry, tensor = next(tensors)
+                    assert streamed_entry is entry
+                    names = groups.get(entry.name, (entry.name,))
+                    writer.write(entry.name, _merged_tensor(entry, tensor, transform, names, dtype))
+                    weight_map[entry.name] = filename
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
     return weight_map
 
 

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftdsl.cli import main
 from tests.factories import make_lora, save_tiny_llama
@@ -306,7 +307,22 @@ def test_disk_full_on_a_small_tmpfs(corpus_root, tmp_path):
 
 
 def test_disk_full_in_process(corpus_root, tmp_path, monkeypatch):
-    """safetensors reports ENOSPC as a SafetensorError; it must still be R601, not an internal error."""
+    """A full disk while tensors stream to the output file: R601, not an internal error."""
+    import peftdsl.tensorio
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(peftdsl.tensorio, "_write_all", full)
+    recipe = _small_recipe(tmp_path, corpus_root / "fixtures")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = main(["run", str(recipe), "--quiet", "--no-eval"])
+    _assert_disk_full_diagnostic(status, out.getvalue(), tmp_path)
+
+
+def test_safetensors_disk_full_is_an_os_error(tmp_path, monkeypatch):
+    """safetensors' own writer (used for (IA)³ outputs) reports ENOSPC as a SafetensorError."""
     from safetensors import SafetensorError
 
     import peftdsl.write
@@ -315,11 +331,9 @@ def test_disk_full_in_process(corpus_root, tmp_path, monkeypatch):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(peftdsl.write, "_save_file", full)
-    recipe = _small_recipe(tmp_path, corpus_root / "fixtures")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        status = main(["run", str(recipe), "--quiet", "--no-eval"])
-    _assert_disk_full_diagnostic(status, out.getvalue(), tmp_path)
+    with pytest.raises(OSError) as caught:
+        peftdsl.write.save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={})
+    assert caught.value.errno == errno.ENOSPC
 
 
 def test_enospc_while_flushing_is_r601(corpus_root, tmp_path, monkeypatch):

@@ -1,0 +1,131 @@
+"""Safetensors files read and written by offset, without memory maps or whole-file buffers.
+
+`SafetensorsReader` fills caller-owned buffers with `os.preadv`, so pages read do not
+stay in the process's resident memory; `StreamingSafetensors` writes the header first
+(every shape is known from the plan) and each tensor at its offset as it is computed.
+Both run in constant memory beyond the tensors in hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                 "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+
+
+class StreamingSafetensors:
+    """A safetensors file written tensor by tensor, in any order.
+
+    Every shape is known from the plan before any compute, so the header goes first
+    and each tensor is written at its offset as soon as its group is computed: an
+    output never has to be whole in memory. Bytes are those of safetensors'
+    ``save_file`` for tensors of one dtype (keys sorted, header padded to 8).
+    """
+
+    def __init__(self, path: Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str]):
+        self.path, self.specs = Path(path), dict(specs)
+        order = sorted(self.specs, key=lambda k: (-self.specs[k][0].itemsize, k))
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for key in order:
+            dtype, shape = self.specs[key]
+            size = math.prod(shape) * dtype.itemsize
+            self.offsets[key] = (position, position + size)
+            header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                           "data_offsets": [position, position + size]}
+            position += size
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self.data_start = 8 + len(encoded)
+        self.pending = set(self.specs)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(self.fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            os.ftruncate(self.fd, self.data_start + position)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.specs[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"`{key}`: planned {dtype} {list(shape)}, computed {tensor.dtype} {list(tensor.shape)}")
+        raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+        _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0])
+        self.pending.discard(key)
+
+    def abort(self) -> None:
+        """Close without checks, on the way out of a failure (the temp folder goes anyway)."""
+        os.close(self.fd)
+
+    def close(self) -> None:
+        try:
+            if self.pending:
+                raise ValueError(f"{len(self.pending)} planned tensors were never written, e.g. {min(self.pending)}")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class SafetensorsReader:
+    """Reads a group's tensors straight into one stacked buffer with `os.preadv`.
+
+    No memory map: pages read do not stay in the process's resident memory for the
+    whole run, and the group's stack is filled in place instead of copied from views.
+    Offsets come from the header that the front end already validated.
+    """
+
+    def __init__(self, path):
+        from peftdsl.inputs import read_safetensors_header
+
+        self.tensors, _ = read_safetensors_header(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.data_start = 8 + int.from_bytes(os.pread(self.fd, 8, 0), "little")
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def read_stacked(self, keys: list[str]) -> torch.Tensor:
+        infos = [self.tensors[key] for key in keys]
+        dtype, shape = _TORCH_DTYPES.get(infos[0].dtype), infos[0].shape
+        if dtype is None or not dtype.is_floating_point or any(i.dtype != infos[0].dtype or i.shape != shape
+                                                                for i in infos):
+            raise OSError(f"tensors of one group must share a float dtype and shape, got {infos[0].dtype}")
+        size = infos[0].offsets[1] - infos[0].offsets[0]
+        raw = torch.empty((len(keys), size), dtype=torch.uint8)
+        for row, info in zip(raw.numpy(), infos):
+            if os.preadv(self.fd, [row], self.data_start + info.offsets[0]) != size:
+                raise OSError("the file is shorter than its header says (truncated while running?)")
+        return raw.view(dtype).reshape(len(keys), *shape)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, in its stored dtype."""
+        info = self.tensors[key]
+        dtype = _TORCH_DTYPES[info.dtype]
+        size = info.offsets[1] - info.offsets[0]
+        raw = torch.empty(size, dtype=torch.uint8)
+        if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0]) != size:
+            raise OSError("the file is shorter than its header says (truncated while running?)")
+        return raw.view(dtype).reshape(info.shape)
