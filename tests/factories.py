@@ -243,13 +243,13 @@ TOKENIZER_WORDS = (
 ).split()
 
 
-def tiny_tokenizer(vocab_size: int = 128):
+def tiny_tokenizer(vocab_size: int = 128, words: Iterable[str] = TOKENIZER_WORDS):
     """A word-level tokenizer (ids 0–3 special, BOS added) that fits the tiny models' vocab."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({word: i + 4 for i, word in enumerate(dict.fromkeys(TOKENIZER_WORDS))})
+    vocab.update({word: i + 4 for i, word in enumerate(dict.fromkeys(words))})
     assert len(vocab) <= vocab_size
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

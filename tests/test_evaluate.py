@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from factories import VOCAB, load_peft, make_ia3, make_lora, tiny_gpt2, tiny_llama
+from factories import VOCAB, load_peft, make_ia3, make_lora, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta, applied
 from peftdsl.evaluate import (
@@ -49,19 +49,8 @@ SENTENCES = [
 
 
 def build_tokenizer():
-    """A word-level tokenizer (ids 0–3 special, BOS added) that fits the tiny vocab."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({word: i + 4 for i, word in enumerate(dict.fromkeys(WORDS))})
-    assert len(vocab) <= VOCAB
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    """A word-level tokenizer over WORDS that fits the tiny vocab."""
+    return tiny_tokenizer(VOCAB, WORDS)
 
 
 @pytest.fixture(scope="module")
