@@ -334,18 +334,28 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def test_truncated_weights_fail_cleanly_with_no_output(lab: Path, tmp_path: Path):
+def _broken_copy(lab: Path, tmp_path: Path) -> Path:
+    """A copy of adapter `a` for a test to damage."""
     broken = tmp_path / "broken"
     shutil.copytree(lab / "a", broken)
-    weights = broken / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-64])
-    recipe = write_recipe(tmp_path, f"""peftdsl: 1
+    return broken
+
+
+def _recipe_over_broken(lab: Path, tmp_path: Path) -> Path:
+    return write_recipe(tmp_path, f"""peftdsl: 1
 adapters: {{x: broken, b: {lab}/b}}
 compose:
   mix: x + b
 outputs:
   mix: out
 """)
+
+
+def test_truncated_weights_fail_cleanly_with_no_output(lab: Path, tmp_path: Path):
+    broken = _broken_copy(lab, tmp_path)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    recipe = _recipe_over_broken(lab, tmp_path)
     result = _cli("run", str(recipe), "--quiet", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -355,8 +365,7 @@ outputs:
 
 def test_corrupt_header_is_found_before_any_compute(lab: Path, tmp_path: Path):
     """A tensor whose byte count disagrees with its dtype and shape: I304 from the header alone."""
-    broken = tmp_path / "broken"
-    shutil.copytree(lab / "a", broken)
+    broken = _broken_copy(lab, tmp_path)
     weights = broken / "adapter_model.safetensors"
     raw = bytearray(weights.read_bytes())
     length = int.from_bytes(raw[:8], "little")
@@ -366,13 +375,7 @@ def test_corrupt_header_is_found_before_any_compute(lab: Path, tmp_path: Path):
     encoded = json.dumps(header).encode()
     encoded += b" " * ((8 - len(encoded) % 8) % 8)
     weights.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + length:])
-    recipe = write_recipe(tmp_path, f"""peftdsl: 1
-adapters: {{x: broken, b: {lab}/b}}
-compose:
-  mix: x + b
-outputs:
-  mix: out
-""")
+    recipe = _recipe_over_broken(lab, tmp_path)
     result = _cli("lint", str(recipe), cwd=tmp_path)
     assert result.returncode == 1 and "error[I304]" in result.stdout and "corrupt" in result.stdout
 
@@ -381,19 +384,12 @@ def test_non_finite_tensor_data_points_at_the_composition(lab: Path, tmp_path: P
     """Data that only execution can see (a NaN): R601 at the recipe span, no traceback, no output."""
     from safetensors.torch import save_file
 
-    broken = tmp_path / "broken"
-    shutil.copytree(lab / "a", broken)
+    broken = _broken_copy(lab, tmp_path)
     tensors = load_file(broken / "adapter_model.safetensors")
     first = sorted(tensors)[0]
     tensors[first][0, 0] = float("nan")
     save_file(tensors, broken / "adapter_model.safetensors")
-    recipe = write_recipe(tmp_path, f"""peftdsl: 1
-adapters: {{x: broken, b: {lab}/b}}
-compose:
-  mix: x + b
-outputs:
-  mix: out
-""")
+    recipe = _recipe_over_broken(lab, tmp_path)
     result = _cli("run", str(recipe), "--quiet", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
