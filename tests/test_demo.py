@@ -1,0 +1,122 @@
+"""The demo's quickstart end to end through the command line, and `peftdsl lint recipes`.
+
+The quickstart runs from a copy whose paths are made absolute and whose output points
+into a temporary folder, so the test leaves the repository as it found it; everything
+else in the copy is the shipped recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo"
+QUICKSTART = DEMO / "quickstart.yaml"
+BASE = DEMO / "assets" / "base"
+
+pytestmark = pytest.mark.skipif(not (BASE / "model.safetensors").is_file(), reason="demo assets not built")
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def peftdsl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftdsl", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def relocated_quickstart(folder: Path) -> tuple[Path, dict[str, Path]]:
+    """The shipped quickstart with absolute inputs and its outputs under `folder`."""
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["base"] = str((DEMO / recipe["base"]).resolve())
+    for spec in recipe["adapters"].values():
+        spec["path"] = str((DEMO / spec["path"]).resolve())
+    for entry in recipe["eval"]:
+        entry["data"] = str((DEMO / entry["data"]).resolve())
+    outputs = {}
+    for name, spec in recipe["outputs"].items():
+        outputs[name] = folder / "out" / name
+        if isinstance(spec, dict):
+            spec["path"] = str(outputs[name])
+        else:
+            recipe["outputs"][name] = str(outputs[name])
+    path = folder / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path, outputs
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quickstart")
+    recipe, outputs = relocated_quickstart(folder)
+    proc = peftdsl("run", str(recipe), "--report", str(folder / "report"), "--force", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((folder / "report" / "report.json").read_text())
+    return report, outputs
+
+
+def test_shipped_quickstart_writes_only_under_gitignored_out():
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    for spec in recipe["outputs"].values():
+        target = (DEMO / (spec["path"] if isinstance(spec, dict) else spec)).resolve()
+        assert target.is_relative_to(ROOT / "out"), target
+
+
+def test_report_has_the_table(quickstart):
+    report, _ = quickstart
+    assert report["recipe"] == "quickstart"
+    assert report["selected"] is None
+    rows = {(r["eval"], r["model"]): r for r in report["results"]}
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    expected = {(e["name"], m) for e in recipe["eval"] for m in e["models"]}
+    assert set(rows) == expected
+    assert {m for e, m in expected if e == "sentiment"} == {"base", "a", "b", "mix", "mix8"}
+    for (ev, model), row in rows.items():
+        assert row["metric"] == {"sentiment": "accuracy", "clean-ppl": "perplexity"}[ev]
+        assert isinstance(row["value"], float) and row["params"] == {}
+    acc = {m: rows["sentiment", m]["value"] for m in ("base", "a", "b", "mix", "mix8")}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    # The demo's effect, with a wide margin: every adapter and composition knows the task, the base does not.
+    assert acc["base"] < 0.6
+    assert min(acc["a"], acc["b"], acc["mix"], acc["mix8"]) > 0.9
+    ppl = {m: rows["clean-ppl", m]["value"] for m in ("base", "mix")}
+    assert all(1.0 < v < 10.0 for v in ppl.values())
+
+
+def test_composed_adapter_loads_with_peft(quickstart):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, outputs = quickstart
+    path = outputs["mix8"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "peftdsl.json"):
+        assert (path / name).is_file(), name
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+
+    tok = AutoTokenizer.from_pretrained(BASE)
+    ids = torch.tensor([tok("the film was great . the review is")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(BASE).eval()
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, path).eval()
+    lora_A = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    assert lora_A and all(m.weight.shape[0] == 8 for m in lora_A)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.isfinite(after).all()
+    assert not torch.allclose(before, after)   # the adapter is live
+
+
+def test_lint_recipes_is_clean():
+    proc = peftdsl("lint", "recipes", "--format", "concise")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kinds = {line.split("[")[0].rsplit(" ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if "[" in line}
+    assert kinds <= {"note"}, proc.stdout + proc.stderr
