@@ -362,12 +362,12 @@ def _evaluate(state: RunState, executor, evals, params, overrides, args, console
         if args.executor == "ray":
             results = run_on_ray(jobs, args.address)
         else:
-            results = []
+            results, cache = [], {}
             for job in jobs:
                 if job.point:
                     console.print("sweep point " + ", ".join(f"{k}={v:g}" for k, v in job.point))
                 results.extend(evaluate_point(state.analysis, executor, job,
-                                              lambda name: _deltas(state, executor, name)))
+                                              lambda name: _deltas(state, executor, name), cache))
     except RayMissing as err:
         raise UsageError(str(err)) from None
     except PickledWeights as err:

@@ -8,6 +8,7 @@ both give the same results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +45,35 @@ def eval_dtype(evals) -> str | None:
     return next((dict(t.options).get("dtype") for t in evals if dict(t.options).get("dtype")), None)
 
 
-def evaluate_point(analysis, executor, job: PointJob, compute_deltas) -> list:
-    """Compositions at `job.params`, then every eval entry on them; report rows."""
+def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dict | None = None) -> list:
+    """Compositions at `job.params`, then every eval entry on them; report rows.
+
+    `cache` maps (eval, canonical form) to a value: a model whose canonical form does
+    not change across grid points (`base`, a plain adapter, a composition that uses
+    no swept param) is evaluated once per sweep, not once per point.
+    """
     from peftdsl.evaluate import EvalSpec, evaluate_models
+    from peftdsl.report import Result
+    from peftdsl.write import base_weight_files
 
     recipe = analysis.recipe
+    cache = {} if cache is None else cache
     canonical.canonicalise(analysis, Sink(), dict(job.params))
     specs = [EvalSpec(name=t.name, metric=t.metric, data=t.data, models=t.models, seed=recipe.seed,
                       **{k: v for k, v in t.options if k != "dtype"}) for t in recipe.evals]
-    models = sorted({m for spec in specs for m in spec.models if m != "base"})
-    deltas = {m: compute_deltas(m) for m in models}
-    from peftdsl.write import base_weight_files
-
-    base = recipe.base_path or (analysis.base.path if analysis.base else Path(recipe.base))
-    base_weight_files(base, allow_pickle=job.allow_pickle)  # a pickled base needs --allow-pickle here too
-    model, tokenizer = _base_model(str(base), job.device, eval_dtype(recipe.evals))
-    return evaluate_models(model, tokenizer, specs, deltas, params=dict(job.point), device=job.device,
-                           quiet=job.quiet)
+    form = {m: analysis.canonical.get(m, m) for spec in specs for m in spec.models}
+    todo = [dataclasses.replace(spec, models=missing) for spec in specs
+            if (missing := tuple(m for m in spec.models if (spec.name, form[m]) not in cache))]
+    if todo:
+        models = sorted({m for spec in todo for m in spec.models if m != "base"})
+        deltas = {m: compute_deltas(m) for m in models}
+        base = recipe.base_path or (analysis.base.path if analysis.base else Path(recipe.base))
+        base_weight_files(base, allow_pickle=job.allow_pickle)  # a pickled base needs --allow-pickle here too
+        model, tokenizer = _base_model(str(base), job.device, eval_dtype(recipe.evals))
+        for row in evaluate_models(model, tokenizer, todo, deltas, device=job.device, quiet=job.quiet):
+            cache[row.eval, form[row.model]] = row.value
+    return [Result(eval=spec.name, model=m, metric=spec.metric, value=cache[spec.name, form[m]],
+                   params=dict(job.point)) for spec in specs for m in spec.models]
 
 
 def _remote_point(job: PointJob) -> list[dict]:

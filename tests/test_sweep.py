@@ -112,3 +112,22 @@ def test_ray_executor_gives_the_local_results(lab: Path, tmp_path: Path):
 
     ray.shutdown()
     assert json.loads((remote / "report.json").read_text()) == json.loads((local / "report.json").read_text())
+
+
+def test_models_that_do_not_depend_on_the_swept_param_are_evaluated_once(lab: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    import peftdsl.evaluate as evaluate
+
+    calls = []
+    real = evaluate.run_eval
+
+    def counting(model, tokenizer, spec, *args, **kwargs):
+        calls.append(spec.models)
+        return real(model, tokenizer, spec, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_eval", counting)
+    assert main(["run", str(lab / "recipe.yaml"), "--report", str(tmp_path / "r"), "--quiet", "--force"]) == 0
+    # base and `a` once each; `mix` (a - lam*b) at each of the three grid points.
+    assert len(calls) == 2 + len(LAMS)
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["results"]
+    assert len(rows) == 3 * len(LAMS)
