@@ -161,22 +161,27 @@ def available_memory(device) -> int | None:
 def planned_memory(state: RunState, args) -> tuple[int, str]:
     """Peak bytes the plan needs, and the task that needs them (see DESIGN §6 on streaming).
 
-    The executor holds one chunk of a group at a time (at most its chunk budget) plus
-    the task's float32 results; evaluation also holds the base model.
+    The executor holds one chunk of a group at a time (at most its chunk budget). A
+    LoRA adapter output is streamed to disk chunk by chunk; every other task (merged
+    and (IA)³ outputs, evaluated models) also holds its float32 results, and
+    evaluation holds the base model.
     """
     from peftdsl.execute import DEFAULT_CHUNK_BYTES
 
     analysis = state.analysis
-    names = [o.name for o in _selected_outputs(analysis, args.only)]
+    streamed = {o.name for o in _selected_outputs(analysis, args.only)
+                if not o.merge and analysis.canonical[o.name].kind is Kind.LORA}
     evals = [] if args.no_eval else analysis.recipe.evals
-    names += [m for t in evals for m in t.models if m != "base"]
+    held = [o.name for o in _selected_outputs(analysis, args.only) if o.name not in streamed]
+    held += [m for t in evals for m in t.models if m != "base"]
     base_bytes = 0
     if evals and analysis.base is not None:
         base_bytes = sum(t.offsets[1] - t.offsets[0] for t in analysis.base.weights.values())
     peak, worst = 0, ""
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys([*streamed, *held]):
         est = estimate(analysis, lower(analysis, name))
-        need = est.bytes_written + min(est.peak_bytes, DEFAULT_CHUNK_BYTES)
+        need = min(est.peak_bytes, DEFAULT_CHUNK_BYTES) + (0 if name in streamed and name not in held
+                                                              else est.bytes_written)
         if need > peak:
             peak, worst = need, name
     return peak + base_bytes, worst
