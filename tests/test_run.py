@@ -503,3 +503,19 @@ outputs:
     for module in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"):
         want = base[f"{module}.weight"] + 2 * delta(reference, "a", module)
         torch.testing.assert_close(merged[f"{module}.weight"], want, atol=1e-6, rtol=1e-5)
+
+
+def test_only_writes_the_named_outputs(lab: Path, tmp_path: Path, capsys):
+    recipe = write_recipe(lab, f"""peftdsl: 1
+adapters: {{a: a, b: b}}
+compose:
+  x: a + b
+  y: a - b
+outputs:
+  x: {tmp_path}/x
+  y: {tmp_path}/y
+""", name="only.yaml")
+    assert run(recipe, "--only", "y") == 0
+    assert (tmp_path / "y").exists() and not (tmp_path / "x").exists()
+    assert run(recipe, "--only", "nope") == 2
+    assert "no output or composition `nope`" in capsys.readouterr().err

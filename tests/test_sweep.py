@@ -131,3 +131,20 @@ def test_models_that_do_not_depend_on_the_swept_param_are_evaluated_once(lab: Pa
     assert len(calls) == 2 + len(LAMS)
     rows = json.loads((tmp_path / "r" / "report.json").read_text())["results"]
     assert len(rows) == 3 * len(LAMS)
+
+
+def test_missing_ray_is_a_usage_error_naming_the_extra(lab: Path, tmp_path: Path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    status = main(["run", str(lab / "recipe.yaml"), "--report", str(tmp_path / "r"), "--quiet", "--force",
+                   "--executor", "ray"])
+    assert status == 2
+    assert "pip install 'peftdsl[ray]'" in capsys.readouterr().err
