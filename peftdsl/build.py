@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ValidationError
 

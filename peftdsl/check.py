@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from peftdsl import ir
 from peftdsl.diagnostics import Label, Severity, Sink
 from peftdsl.functions import FUNCTIONS
-from peftdsl.inputs import AdapterInfo, BaseInfo, InputError, expected_weight_shape, locate_adapter, read_adapter, read_base
+from peftdsl.inputs import (
+    AdapterInfo,
+    BaseInfo,
+    InputError,
+    expected_weight_shape,
+    locate_adapter,
+    read_adapter,
+    read_base,
+)
 from peftdsl.spans import Span
 
 Kind = ir.Kind

@@ -160,7 +160,13 @@ def _progress(description: str, total: int, quiet: bool) -> Iterator[Callable[[i
         yield lambda n: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -528,7 +534,6 @@ def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None
     """The base model (in eval mode, on ``device``, optionally bfloat16) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # peftdsl draws its own progress; one bar per load is noise

@@ -10,7 +10,6 @@ one chunk, not a whole model. Results come back per module, on the CPU, in float
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftdsl import __version__, canonical, ir
-from peftdsl.cli import EXIT_ERRORS, EXIT_OK, UsageError, check_sets, parse_sets, print_diagnostics
+from peftdsl.cli import (
+    EXIT_ERRORS,
+    EXIT_OK,
+    UsageError,
+    check_sets,
+    parse_sets,
+    print_diagnostics,
+)
 from peftdsl.compiler import Options, analyse, sweep_points
 from peftdsl.diagnostics import Sink
 from peftdsl.lock import sha256_file
@@ -282,7 +289,8 @@ def _provenance(state: RunState, out: ir.Output, params: dict, device, dtype: st
 
 def _write_output(state: RunState, executor, out: ir.Output, params: dict, device, force: bool,
                   allow_pickle: bool) -> None:
-    from peftdsl import write
+    from peftdsl import merge, write
+    from peftdsl.atomic import OutputExists
 
     analysis = state.analysis
     form = analysis.canonical[out.name]
@@ -292,7 +300,7 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
     try:
         if out.merge:
             deltas = _deltas(state, executor, out.name)
-            write.write_merged(out.path, base_dir=analysis.base.path, transform=write.merge_transform(deltas),
+            merge.write_merged(out.path, base_dir=analysis.base.path, transform=merge.merge_transform(deltas),
                                dtype=out.dtype, force=force, allow_pickle=allow_pickle, provenance=provenance)
         elif form.kind is Kind.IA3:
             deltas = _deltas(state, executor, out.name)
@@ -300,11 +308,11 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
             write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
         else:
             _stream_lora_output(state, executor, out, template, dtype, provenance, force)
-    except write.OutputExists:
+    except OutputExists:
         state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                         help="pass --force to replace it")
         raise _RunFailed() from None
-    except write.PickledWeights as err:
+    except merge.PickledWeights as err:
         state.sink.emit("I310", f"the base model stores its weights as a pickle (`{err.path.name}`)",
                         state.analysis.recipe.base_span,
                         help="convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
@@ -356,7 +364,7 @@ def _evaluate(state: RunState, executor, evals, params, overrides, args, console
     from peftdsl.evaluate import EvalDataError
     from peftdsl.report import select_best
     from peftdsl.sweep import PointJob, RayMissing, evaluate_point, run_on_ray
-    from peftdsl.write import PickledWeights
+    from peftdsl.merge import PickledWeights
 
     recipe = state.analysis.recipe
     points = sweep_points(recipe, overrides) or [{}]

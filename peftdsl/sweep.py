@@ -54,7 +54,7 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
     """
     from peftdsl.evaluate import EvalSpec, evaluate_models
     from peftdsl.report import Result
-    from peftdsl.write import base_weight_files
+    from peftdsl.merge import base_weight_files
 
     recipe = analysis.recipe
     cache = {} if cache is None else cache

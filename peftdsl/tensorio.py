@@ -129,3 +129,13 @@ class SafetensorsReader:
         if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0]) != size:
             raise OSError("the file is shorter than its header says (truncated while running?)")
         return raw.view(dtype).reshape(info.shape)
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name (`bfloat16`, `torch.float16`) or itself; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved

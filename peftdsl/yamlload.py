@@ -8,8 +8,8 @@ accepted: no object tags, and a node budget that stops alias bombs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml

@@ -181,7 +181,7 @@ def _wait_for_tmp(folder: Path, proc: subprocess.Popen, limit: float) -> bool:
 FORK_SERVER = r"""
 import json, os, sys
 import torch, safetensors.torch, transformers, peft
-import peftdsl.runner, peftdsl.execute, peftdsl.write, peftdsl.lower
+import peftdsl.runner, peftdsl.execute, peftdsl.write, peftdsl.merge, peftdsl.atomic, peftdsl.lower
 from peftdsl.cli import main
 print("ready", flush=True)
 for line in sys.stdin:
@@ -325,25 +325,25 @@ def test_safetensors_disk_full_is_an_os_error(tmp_path, monkeypatch):
     """safetensors' own writer (used for (IA)³ outputs) reports ENOSPC as a SafetensorError."""
     from safetensors import SafetensorError
 
-    import peftdsl.write
+    import peftdsl.atomic
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(peftdsl.write, "_save_file", full)
+    monkeypatch.setattr(peftdsl.atomic, "_save_file", full)
     with pytest.raises(OSError) as caught:
-        peftdsl.write.save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={})
+        peftdsl.atomic.save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={})
     assert caught.value.errno == errno.ENOSPC
 
 
 def test_enospc_while_flushing_is_r601(corpus_root, tmp_path, monkeypatch):
     """A full disk found by the fsync before the rename (delayed allocation): same diagnostic."""
-    import peftdsl.write
+    import peftdsl.atomic
 
     def full(root):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(peftdsl.write, "_fsync_tree", full)
+    monkeypatch.setattr(peftdsl.atomic, "_fsync_tree", full)
     recipe = _small_recipe(tmp_path, corpus_root / "fixtures")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

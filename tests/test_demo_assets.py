@@ -4,7 +4,6 @@ and every recipe is valid YAML that names adapter folders which exist."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

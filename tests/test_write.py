@@ -26,19 +26,11 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from peftdsl import write
+from peftdsl import atomic, merge
 from peftdsl.apply import IA3Delta, LoraDelta
-from peftdsl.write import (
-    OutputExists,
-    PickledWeights,
-    atomic_output,
-    exact_pattern_key,
-    ia3_adapter_files,
-    lora_adapter_files,
-    merge_transform,
-    write_adapter,
-    write_merged,
-)
+from peftdsl.atomic import OutputExists, atomic_output
+from peftdsl.merge import PickledWeights, merge_transform, write_merged
+from peftdsl.write import exact_pattern_key, ia3_adapter_files, lora_adapter_files, write_adapter
 from tests.factories import load_peft, make_ia3, make_lora, tiny_gpt2, tiny_llama
 
 TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.json": '{"model_max_length": 128}\n'}
@@ -296,7 +288,7 @@ def test_merged_lora_llama_equals_merge_and_unload(tmp_path, llama_base, llama_l
 
 def test_merged_streams_one_base_file_at_a_time(tmp_path, llama_base, monkeypatch):
     opened, open_now, most = [], [0], [0]
-    real_reader = write._tensor_reader
+    real_reader = merge._tensor_reader
 
     @contextlib.contextmanager
     def counting_reader(source):
@@ -309,7 +301,7 @@ def test_merged_streams_one_base_file_at_a_time(tmp_path, llama_base, monkeypatc
         finally:
             open_now[0] -= 1
 
-    monkeypatch.setattr(write, "_tensor_reader", counting_reader)
+    monkeypatch.setattr(merge, "_tensor_reader", counting_reader)
     write_merged(tmp_path / "merged", base_dir=llama_base, transform=lambda n, t: None, force=False)
     base_files = sorted(path.name for path in llama_base.glob("model-*.safetensors"))
     assert opened == base_files and most[0] == 1 and open_now[0] == 0
@@ -336,7 +328,7 @@ def test_merged_lora_gpt2_conv1d_and_tied_embeddings(tmp_path):
     transform = merge_transform(factors)
     assert "lm_head.weight" in transform.weight_names  # tied: only transformer.wte.weight is stored
     stored = set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])
-    assert write.tied_groups(base, stored) == {"transformer.wte.weight": ("transformer.wte.weight", "lm_head.weight")}
+    assert merge.tied_groups(base, stored) == {"transformer.wte.weight": ("transformer.wte.weight", "lm_head.weight")}
     out = write_merged(tmp_path / "merged", base_dir=base, transform=transform, force=False, max_shard_bytes=50_000)
 
     model, state = loaded_state(out)
@@ -446,14 +438,14 @@ def test_existing_target_without_force_raises_before_the_body(tmp_path):
             ran.append(True)
     assert ran == [] and siblings(target) == []
     with pytest.raises(OutputExists):
-        write.check_output_free(target, force=False)
-    write.check_output_free(target, force=True)
+        atomic.check_output_free(target, force=False)
+    atomic.check_output_free(target, force=True)
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "move-aside"])
 def test_force_replaces_whole_directory(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(write, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
@@ -494,7 +486,7 @@ def test_a_killed_run_leaves_no_output_and_its_temp_is_cleaned(tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from peftdsl.write import atomic_output\n"
+        "from peftdsl.atomic import atomic_output\n"
         "with atomic_output(Path(sys.argv[1]), force=False) as tmp:\n"
         "    (tmp / 'half.bin').write_bytes(b'x')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -1,0 +1,206 @@
+"""Outputs that appear whole or not at all, and are the same bytes every time.
+
+Every output is built in a temporary folder beside its target and renamed into
+place only when complete (:func:`atomic_output`), so a failed or interrupted run
+never leaves a half-written output, and an existing output survives a failure.
+Leftovers of killed runs are cleaned by the next run. JSON is written with sorted
+keys and nothing records a time, so identical inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _save_file
+
+_TMP_TAG = "peftdsl-tmp"
+_OLD_TAG = "peftdsl-old"
+
+
+class OutputExists(FileExistsError):
+    """The output path exists and ``--force`` was not given: a user error, raised before any work."""
+
+    def __init__(self, target: Path) -> None:
+        super().__init__(errno.EEXIST, "output exists (pass --force to replace it)", str(target))
+        self.target = target
+
+
+# =========================================================================== atomic directories
+
+
+def check_output_free(target: Path, force: bool) -> None:
+    """Raise :class:`OutputExists` when ``target`` exists and may not be replaced.
+
+    The runner calls this before computing anything, so a refused run costs nothing.
+    """
+    target = Path(target)
+    if not force and (target.exists() or target.is_symlink()):
+        raise OutputExists(target)
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; rename it into place on success.
+
+    Beside the target (not in /tmp) so that the final rename stays on one file
+    system and is atomic. On any exception, KeyboardInterrupt included, the
+    temporary folder is removed and an existing target is left untouched.
+    With ``force`` an existing target is swapped out in one step where the OS
+    allows it (``renameat2(RENAME_EXCHANGE)``), otherwise moved aside first; a
+    reader sees the old output or the new one, never a mix.
+    """
+    target = Path(target).absolute()
+    clean_leftovers(target)  # first: it may put back an output a killed run had moved aside
+    check_output_free(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, _TMP_TAG)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        check_output_free(target, force)  # another process may have written it meanwhile
+        _put_in_place(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_leftovers(target: Path) -> None:
+    """Remove temporary folders that killed runs left beside ``target``.
+
+    A folder whose owning process is still alive (its pid is in the name) is
+    another run writing the same target right now and is left alone. If a run
+    died between moving the old output aside and renaming the new one in, the
+    old output is put back: the user never asked to lose it.
+    """
+    target = Path(target).absolute()
+    if not target.parent.is_dir():
+        return
+    for kind in (_OLD_TAG, _TMP_TAG):
+        for path in sorted(target.parent.glob(f".{target.name}.{kind}-*")):
+            if _owner_alive(path):
+                continue
+            if kind == _OLD_TAG and not (target.exists() or target.is_symlink()):
+                os.rename(path, target)
+            else:
+                _remove(path)
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    """``.<name>.<tag>-<pid>-<random>`` in the target's folder."""
+    return target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _owner_alive(path: Path) -> bool:
+    match = re.search(r"-(\d+)-[0-9a-f]+$", path.name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False  # ours from an earlier, failed attempt in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, replacing an existing target without a mixed state."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):
+        _remove(tmp)  # now holds the old output
+        return
+    old = _sibling(target, _OLD_TAG)
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2``; False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` so the rename publishes durable data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, with its I/O failures as the ``OSError`` they are.
+
+    The Rust writer reports a full disk as ``SafetensorError("… No space left on
+    device (os error 28)")``; callers handle ``OSError`` (the runner's R601).
+    """
+    try:
+        _save_file(tensors, filename, metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), filename) from err
+
+
+def json_bytes(value: Any) -> bytes:
+    """JSON as every output writes it: sorted keys, indent 2, a trailing newline (stable diffs)."""
+    return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")

@@ -1,0 +1,492 @@
+"""Merged models: the base's weights with the composed delta folded in (DESIGN.md §3).
+
+The base is streamed one weight file and one tensor at a time and written as
+sharded safetensors with an index, plus config and tokenizer files copied from the
+base; the result equals PEFT's ``merge_and_unload``. Shard boundaries depend only on
+tensor sizes, so identical inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import struct
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftdsl.atomic import atomic_output, check_output_free, json_bytes
+from peftdsl.tensorio import SafetensorsReader, StreamingSafetensors, as_dtype
+from peftdsl.write import PROVENANCE, SAFETENSORS_METADATA
+
+Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' historical default, "5GB"
+
+
+class PickledWeights(RuntimeError):
+    """The base model stores pickled weights and the user did not allow loading them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path} is a pickled checkpoint; loading one can run arbitrary code. "
+            "Convert it to safetensors, or allow pickle explicitly (it is then loaded with weights_only=True)."
+        )
+        self.path = path
+
+
+# =========================================================================== merge transforms
+
+
+def _factor_frame_to_weight(delta: torch.Tensor, layout: str) -> torch.Tensor:
+    """Map an out×in delta onto the weight: conv1d and embedding store it transposed."""
+    if layout == "linear":
+        return delta
+    if layout in ("conv1d", "embedding"):
+        return delta.T
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def add_dense_delta(W: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.Tensor:
+    """``W + ΔW`` with ΔW given in the factor frame (out×in), in float32."""
+    weight_delta = _factor_frame_to_weight(delta.to(torch.float32), layout)
+    if weight_delta.shape != W.shape:
+        raise ValueError(f"delta of shape {tuple(weight_delta.shape)} does not fit weight {tuple(W.shape)}")
+    return W.to(torch.float32) + weight_delta
+
+
+def add_lora_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, layout: str) -> torch.Tensor:
+    """``W + B·A`` (scaling folded into B), as PEFT's LoRA merge does, in one ``addmm``.
+
+    conv1d and embedding weights hold the delta transposed: ``W + Aᵀ·Bᵀ``.
+    """
+    W, A, B = W.to(torch.float32), A.to(torch.float32), B.to(torch.float32)
+    left, right = (B, A) if layout == "linear" else (A.T, B.T)
+    if (left.shape[0], right.shape[1]) != tuple(W.shape):
+        raise ValueError(f"delta of shape {(left.shape[0], right.shape[1])} does not fit weight {tuple(W.shape)}")
+    return torch.addmm(W, left, right)
+
+
+def scale_ia3(
+    W: torch.Tensor, l: torch.Tensor, feedforward: bool, layout: str = "linear"  # noqa: E741
+) -> torch.Tensor:
+    """PEFT's (IA)³ merge of a weight: ``W * l``, with l transposed for conv1d (``fan_in_fan_out``).
+
+    l is (out, 1) for an ordinary module and (1, in) for a feed-forward one, in
+    the linear frame; in a Conv1D weight (in×out) the same vector is transposed.
+    """
+    if layout not in ("linear", "conv1d"):
+        raise ValueError(f"(IA)³ does not apply to layout {layout!r}")
+    out_features, in_features = W.shape if layout == "linear" else W.shape[::-1]
+    expected = (1, in_features) if feedforward else (out_features, 1)
+    if tuple(l.shape) != expected:
+        kind = "feed-forward" if feedforward else "output"
+        raise ValueError(
+            f"(IA)³ vector of shape {tuple(l.shape)} does not fit weight {tuple(W.shape)} ({kind} scaling)"
+        )
+    vector = l.to(torch.float32)
+    return W.to(torch.float32) * (vector.T if layout == "conv1d" else vector)
+
+
+def scale_ia3_bias(bias: torch.Tensor, l: torch.Tensor, feedforward: bool) -> torch.Tensor | None:  # noqa: E741
+    """PEFT scales an ordinary module's bias by l too (its output scaling); None when feed-forward."""
+    if feedforward:
+        return None
+    return bias.to(torch.float32) * l.to(torch.float32).reshape(bias.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeTransform:
+    """A ``transform`` for :func:`write_merged` built from per-module deltas.
+
+    ``weight_names`` lists the tensors it must change, so that ``write_merged``
+    can refuse to finish when one of them is not in the base (rather than
+    silently dropping a delta). Biases are optional: a module without one has
+    nothing to scale.
+    """
+
+    functions: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+
+    @property
+    def weight_names(self) -> frozenset[str]:
+        return frozenset(name for name in self.functions if name.endswith(".weight"))
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        function = self.functions.get(name)
+        return None if function is None else function(tensor)
+
+
+def merge_transform(deltas: Mapping[str, Any]) -> MergeTransform:
+    """One transform for a whole mapping module → LoRA, dense or (IA)³ delta.
+
+    The kind is read from the object's attributes: ``B`` (LoRA), ``delta``
+    (dense) or ``l`` ((IA)³). (IA)³ also maps the module's bias, as PEFT does.
+    """
+    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name in sorted(deltas):
+        functions.update(_module_functions(name, deltas[name]))
+    return MergeTransform(functions)
+
+
+def _module_functions(name: str, delta: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    weight = f"{name}.weight"
+    if hasattr(delta, "B"):
+        return {weight: lambda W, d=delta: add_lora_delta(W, d.A, d.B, d.layout)}
+    if hasattr(delta, "delta"):
+        return {weight: lambda W, d=delta: add_dense_delta(W, d.delta, d.layout)}
+    if hasattr(delta, "l"):
+        functions = {weight: lambda W, d=delta: scale_ia3(W, d.l, d.feedforward, d.layout)}
+        if not delta.feedforward:
+            functions[f"{name}.bias"] = lambda b, d=delta: scale_ia3_bias(b, d.l, False)
+        return functions
+    raise TypeError(f"module `{name}`: not a LoRA, dense or (IA)³ delta: {type(delta).__name__}")
+
+
+# =========================================================================== merged models
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+# Files copied from the base as they are: tokenizer and processor files, generation
+# defaults, and the code of remote-code models (config.json's auto_map may name it).
+_COPIED_PATTERNS = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "*.py",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One stored tensor of the base: where it is, and its shape and dtype (from the header)."""
+
+    name: str
+    source: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * dtype.itemsize
+
+
+def base_weight_files(base_dir: Path, *, allow_pickle: bool = False) -> list[Path]:
+    """The base's weight files in a fixed order; pickled ones only when allowed.
+
+    Safetensors is preferred when both exist. Raises :class:`PickledWeights` for a
+    ``pytorch_model.bin`` checkpoint unless ``allow_pickle``.
+    """
+    base_dir = Path(base_dir)
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        files = _listed_files(base_dir, single, index)
+        if not files:
+            continue
+        if single.endswith(".bin") and not allow_pickle:
+            raise PickledWeights(files[0])
+        return files
+    raise FileNotFoundError(f"{base_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _listed_files(base_dir: Path, single: str, index: str) -> list[Path]:
+    if (base_dir / index).is_file():
+        weight_map = json.loads((base_dir / index).read_text())["weight_map"]
+        return [base_dir / name for name in sorted(set(weight_map.values()))]
+    if (base_dir / single).is_file():
+        return [base_dir / single]
+    return []
+
+
+def _read_entries(source: Path) -> list[TensorEntry]:
+    """The tensors of one file, from its header only (safetensors) or a lazy mmap (pickle)."""
+    if source.suffix == ".safetensors":
+        header = _safetensors_header(source)
+        return [
+            TensorEntry(name, source, tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
+            for name, info in sorted(header.items())
+            if name != "__metadata__"
+        ]
+    state = _load_pickle(source)
+    return [TensorEntry(name, source, tuple(t.shape), t.dtype) for name, t in sorted(state.items())]
+
+
+def _safetensors_header(source: Path) -> dict[str, Any]:
+    with open(source, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
+
+
+def _load_pickle(source: Path) -> dict[str, torch.Tensor]:
+    """Only called once the user allowed pickle; ``weights_only`` still refuses code objects.
+
+    ``mmap`` keeps a shard's data on disk until a tensor is touched; checkpoints
+    in the legacy (pre-zip) format cannot be mapped and are read whole.
+    """
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def _tensor_reader(source: Path) -> Iterator[Callable[[str], torch.Tensor]]:
+    """Open one weight file; tensors are read lazily, one at a time, by offset (no memory map)."""
+    if source.suffix == ".safetensors":
+        with SafetensorsReader(source) as reader:
+            yield reader.read
+    else:
+        state = _load_pickle(source)
+        yield state.__getitem__
+        del state
+
+
+def plan_shards(
+    entries: list[TensorEntry], out_dtype: Callable[[TensorEntry], torch.dtype], max_shard_bytes: int
+) -> list[list[TensorEntry]]:
+    """Split entries, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own).
+
+    Planned from headers before any data is read, so the shard count in the file
+    names is known while streaming.
+    """
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = entry.nbytes(out_dtype(entry))
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def tied_groups(base_dir: Path, stored: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """Map each stored tensor that is tied to other parameters to its whole group.
+
+    With ``tie_word_embeddings`` the base usually stores the shared tensor once
+    (``model.embed_tokens.weight``) and ``lm_head.weight`` is the same Parameter.
+    The architecture is instantiated on the meta device (no memory, no weights)
+    and parameters sharing one object are grouped, which is exactly how
+    ``save_pretrained`` deduplicates them. Groups are in parameter order, so
+    every stored copy of a group (some checkpoints keep both) gets the same
+    deltas in the same order. An architecture transformers cannot build gives
+    no groups; :func:`write_merged`'s ``expect`` check then catches any delta
+    aimed at a tensor that is not stored.
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(base_dir)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 — no model, no known ties
+        return {}
+    by_parameter: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_parameter.setdefault(id(param), []).append(name)
+    groups: dict[str, tuple[str, ...]] = {}
+    for names in by_parameter.values():
+        if len(names) > 1:
+            groups.update({name: tuple(names) for name in names if name in stored})
+    return groups
+
+
+def _merged_tensor(
+    entry: TensorEntry, tensor: torch.Tensor, transform: Transform, names: tuple[str, ...], dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Apply the transform under every name of the tensor's tie group, then cast once.
+
+    A delta on a tied parameter (``lm_head`` of a tied model) lands on the one
+    shared tensor, as in PEFT's merge, which assigns to the shared Parameter:
+    ``merge_and_unload`` + ``save_pretrained`` keeps one tensor with both deltas
+    and the config stays tied. (The merged model then differs from the unmerged
+    PeftModel, where each delta acts on one side only; PEFT warns about it.)
+    """
+    if not tensor.is_floating_point():
+        return tensor.contiguous()
+    current = tensor.to(torch.float32)
+    for name in names:
+        changed = transform(name, current)
+        if changed is not None:
+            if tuple(changed.shape) != entry.shape:
+                raise ValueError(f"transform changed the shape of `{name}`: {entry.shape} -> {tuple(changed.shape)}")
+            current = changed.to(torch.float32)
+    return current.to(dtype or entry.dtype).contiguous()
+
+
+def write_merged(
+    target: Path,
+    *,
+    base_dir: Path,
+    transform: Transform,
+    dtype: torch.dtype | str | None = None,
+    force: bool,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    allow_pickle: bool = False,
+    expect: Collection[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the base model with ``transform`` applied to its weights, streaming shard by shard.
+
+    ``transform(name, tensor_float32)`` returns the new tensor or None (unchanged).
+    ``dtype`` casts every floating tensor (default: each keeps the base's dtype).
+    ``expect`` (default: ``transform.weight_names`` when it has one) names the
+    tensors the transform changes; a name that is neither stored nor tied to a
+    stored tensor is an error, so no delta is ever dropped silently.
+    ``provenance`` is written as ``peftdsl.json`` inside the same atomic rename.
+    Peak memory is about one output shard.
+    """
+    base_dir = Path(base_dir)
+    check_output_free(Path(target), force)
+    out_dtype = as_dtype(dtype)
+    sources = base_weight_files(base_dir, allow_pickle=allow_pickle)
+    entries = [entry for source in sources for entry in _read_entries(source)]
+    stored = {entry.name for entry in entries}
+    expected = set(expect if expect is not None else getattr(transform, "weight_names", ()))
+    groups = tied_groups(base_dir, stored) if _may_touch_tied(base_dir, expected, entries) else {}
+    _check_expected(expected, stored, groups)
+    shards = plan_shards(entries, lambda e: _output_dtype(e, out_dtype), max_shard_bytes)
+    with atomic_output(Path(target), force=force) as tmp:
+        weight_map = _write_shards(tmp, shards, transform, groups, out_dtype)
+        total = sum(entry.nbytes(_output_dtype(entry, out_dtype)) for entry in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_bytes(json_bytes(index))
+        _write_config(base_dir, tmp, out_dtype)
+        _copy_side_files(base_dir, tmp)
+        if provenance is not None:
+            (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
+    return Path(target)
+
+
+def _may_touch_tied(base_dir: Path, expected: set[str], entries: list[TensorEntry]) -> bool:
+    """Whether the deltas could land on tied parameters, so that ties must be looked up.
+
+    Looking them up builds the architecture with transformers (2–3 s of imports).
+    A causal LM ties its word embeddings to its output layer, both vocab×hidden: when
+    every changed tensor is stored and none has the vocabulary's size, none is tied.
+    """
+    stored = {entry.name: entry for entry in entries}
+    if not expected <= stored.keys():
+        return True
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab, int):
+        return True
+    return any(vocab in stored[name].shape for name in expected)
+
+
+def _output_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if (dtype is not None and entry.dtype.is_floating_point) else entry.dtype
+
+
+def _check_expected(expect: Collection[str], stored: set[str], groups: Mapping[str, tuple[str, ...]]) -> None:
+    reachable = stored | {name for names in groups.values() for name in names}
+    missing = sorted(set(expect) - reachable)
+    if missing:
+        raise KeyError(f"the base model has no tensor named {', '.join(f'`{name}`' for name in missing)}")
+
+
+def _write_shards(
+    tmp: Path,
+    shards: list[list[TensorEntry]],
+    transform: Transform,
+    groups: Mapping[str, tuple[str, ...]],
+    dtype: torch.dtype | None,
+) -> dict[str, str]:
+    """Stream tensors in plan order, one input file open at a time, flushing each output shard."""
+    weight_map: dict[str, str] = {}
+    with contextlib.closing(_stream(entry for shard in shards for entry in shard)) as tensors:
+        for number, shard in enumerate(shards, start=1):
+            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            # Every shape and dtype is in the base's headers: the shard's header goes
+            # first and each tensor is written as soon as it is merged (one in memory).
+            specs = {entry.name: (_output_dtype(entry, dtype), entry.shape) for entry in shard}
+            writer = StreamingSafetensors(tmp / filename, specs, SAFETENSORS_METADATA)
+            try:
+                for entry in shard:
+                    streamed_entry, tensor = next(tensors)
+                    assert streamed_entry is entry
+                    names = groups.get(entry.name, (entry.name,))
+                    writer.write(entry.name, _merged_tensor(entry, tensor, transform, names, dtype))
+                    weight_map[entry.name] = filename
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+    return weight_map
+
+
+def _stream(entries: Iterator[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Yield each entry with its tensor, keeping only the current input file open."""
+    reader_source: Path | None = None
+    stack = contextlib.ExitStack()
+    with stack:
+        for entry in entries:
+            if entry.source != reader_source:
+                stack.close()
+                read = stack.enter_context(_tensor_reader(entry.source))
+                reader_source = entry.source
+            yield entry, read(entry.name)
+
+
+def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None) -> None:
+    """Copy config.json, recording a new dtype where one was asked for.
+
+    transformers 5 names the field ``dtype``; releases before 4.56 wrote
+    ``torch_dtype``. Every field present is updated; with neither, ``dtype``
+    is added (what the installed transformers reads).
+    """
+    source = base_dir / "config.json"
+    if not source.is_file():
+        return
+    if dtype is None:
+        shutil.copyfile(source, tmp / "config.json")
+        return
+    config = json.loads(source.read_text())
+    name = str(dtype).removeprefix("torch.")
+    fields = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
+    for key in fields:
+        config[key] = name
+    (tmp / "config.json").write_bytes(json_bytes(config))
+
+
+def _copy_side_files(base_dir: Path, tmp: Path) -> None:
+    names = sorted({path.name for pattern in _COPIED_PATTERNS for path in base_dir.glob(pattern) if path.is_file()})
+    for name in names:
+        shutil.copyfile(base_dir / name, tmp / name)
