@@ -164,9 +164,9 @@ def cmd_lint(args) -> int:
 
     recipes = find_recipes(args.paths)
     options = Options(use_files=not args.no_inputs)
-    diags = []
+    diags, said_once = [], set()
     for path in recipes:
-        sink = Sink()
+        sink = Sink(once=said_once)
         analyse(path, sink, options)
         diags.extend(sorted(sink.items, key=_position))
     machine = args.format in ("json", "sarif")

@@ -145,7 +145,9 @@ class Sink:
     """Collects diagnostics in the order they were found."""
 
     items: list[Diagnostic] = field(default_factory=list)
-    _once: set[str] = field(default_factory=set)
+    # Codes already emitted by `emit_once`; lint shares one set across recipes, so a
+    # note like T411 is said once per run, not once per file.
+    once: set[str] = field(default_factory=set)
 
     def emit(self, code: str, message: str, span: Span | None = None, **kw) -> None:
         assert code in CODES, code
@@ -155,8 +157,8 @@ class Sink:
 
     def emit_once(self, code: str, message: str, span: Span | None = None, **kw) -> None:
         """Emit a code at most once per sink (for notes like T411)."""
-        if code not in self._once:
-            self._once.add(code)
+        if code not in self.once:
+            self.once.add(code)
             self.emit(code, message, span, **kw)
 
     @property

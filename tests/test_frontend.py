@@ -443,3 +443,12 @@ compose:
     elapsed = time.perf_counter() - start
     assert status == EXIT_OK
     assert elapsed < 5.0
+
+
+def test_the_pem_note_is_said_once_per_lint_run(tmp_path, capsys):
+    for name in ("one.yaml", "two.yaml"):
+        write(tmp_path, name, "peftdsl: 1\nadapters:\n  a: {path: a, kind: lora, rank: 4}\n"
+                              "  b: {path: b, kind: lora, rank: 4}\ncompose:\n  p: pem(0.5 * a + 0.5 * b)\n")
+    capsys.readouterr()
+    assert main(["lint", "--no-inputs", "--format", "concise", str(tmp_path)]) == EXIT_OK
+    assert capsys.readouterr().out.count("note[T411]") == 1
