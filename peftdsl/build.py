@@ -283,9 +283,10 @@ class _Builder:
 
     def _composition(self, name: str, text: str) -> ir.Composition | None:
         name_span = self._define("compose", name)
+        rejected = self.rejected
         loc = self.loaded.spans[("compose", name)]
-        expr = parse_expression(text, loc.value, self.sink, quoted=loc.quoted)
-        if expr is None:
+        expr = parse_expression(text, loc.value, self.sink, quoted=loc.quoted)  # syntax errors still reported
+        if expr is None or rejected:
             return None
         return ir.Composition(name=name, expr=expr, span=loc.value, name_span=name_span)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peftdsl import ir
 from peftdsl.diagnostics import Label, Severity, Sink
@@ -83,12 +84,48 @@ def resolve_names(recipe: ir.Recipe, sink: Sink) -> None:
                 _unknown(sink, "N209", f"eval `{target.name}` names unknown model `{model}`", span, model,
                          available | {a.name for a in recipe.adapters} | {"base"},
                          "models are `base`, adapters or compositions")
+    _check_eval_names(recipe, sink)
+    _check_output_paths(recipe, sink)
     _check_sweep(recipe, sink, used)
     for item in (*recipe.adapters, *recipe.params):
         if item.name not in used and built_cleanly:
             what = "adapter" if isinstance(item, ir.Adapter) else "param"
             sink.emit("N208", f"{what} `{item.name}` is never used", item.name_span,
                       help="remove it, or use it in a composition")
+
+
+def _check_eval_names(recipe: ir.Recipe, sink: Sink) -> None:
+    first: dict[str, ir.EvalTarget] = {}
+    for target in recipe.evals:
+        if target.name in first:
+            sink.emit("N211", f"eval `{target.name}` is defined twice", target.span,
+                      labels=(Label(first[target.name].span, "first defined here"),),
+                      help="give every eval entry its own name")
+        first.setdefault(target.name, target)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and path.is_relative_to(folder)
+
+
+def _check_output_paths(recipe: ir.Recipe, sink: Sink) -> None:
+    """No output may replace, hold or sit inside what the recipe reads, or another output."""
+    inputs = [(f"adapter `{a.name}`", a.path) for a in recipe.adapters if a.path is not None]
+    inputs += [("the base model", recipe.base_path)] if recipe.base_path is not None else []
+    inputs += [(f"the data of eval `{e.name}`", e.data) for e in recipe.evals]
+    folder = recipe.path.resolve().parent
+    written: dict[Path, str] = {}
+    for out in recipe.outputs:
+        path = out.path
+        clash = next((what for what, p in inputs if path == p or _inside(p, path) or _inside(path, p)), None)
+        if path == folder or _inside(folder, path):
+            clash = "the recipe's folder"
+        if clash is None and path in written:
+            clash = f"output `{written[path]}`"
+        if clash is not None:
+            sink.emit("N210", f"output `{out.name}` would overwrite {clash}", out.span,
+                      help="write each output to a path of its own, outside every input")
+        written.setdefault(path, out.name)
 
 
 def _check_function_name(node: ir.Call, sink: Sink) -> None:
@@ -223,17 +260,26 @@ def _settle_layouts(analysis: Analysis) -> None:
     for info in analysis.adapters.values():
         for name, module in list(info.modules.items()):
             weight = base.module_weight(name)
-            if module.layout == "embedding" or module.rank == 0 or weight is None:
+            if module.layout == "embedding" or weight is None or len(weight.shape) != 2:
                 continue
-            shape, out_in = tuple(weight.shape), (module.out_features, module.in_features)
-            if shape == out_in[::-1] and shape != out_in:
-                layout = "conv1d"
-            elif shape == out_in and shape != out_in[::-1]:
-                layout = "linear"
-            else:
-                layout = "conv1d" if conv1d_model else "linear"
+            linear, conv1d = _layout_fits(module, tuple(weight.shape))
+            layout = "conv1d" if conv1d and (not linear or conv1d_model) else "linear"
             if layout != module.layout:
                 info.modules[name] = dataclasses.replace(module, layout=layout)
+
+
+def _layout_fits(module, shape: tuple[int, int]) -> tuple[bool, bool]:
+    """Whether the base weight's shape fits the module as a Linear (out×in) and as a Conv1D (in×out).
+
+    An (IA)³ vector knows one side only: its outputs (rows of a Linear weight, columns
+    of a Conv1D one), or its inputs when it is feed-forward.
+    """
+    if module.rank == 0:  # (IA)³
+        side = 1 if module.feedforward else 0
+        size = module.in_features if module.feedforward else module.out_features
+        return shape[side] == size, shape[1 - side] == size
+    out_in = (module.out_features, module.in_features)
+    return shape == out_in, shape == out_in[::-1]
 
 
 def _check_base_names(analysis: Analysis, sink: Sink) -> None:

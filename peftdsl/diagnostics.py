@@ -61,6 +61,8 @@ CODES: dict[str, Code] = _codes(
     ("N207", "unknown-function", E, "a call to a function peftdsl does not define"),
     ("N208", "unused-source", W, "an adapter or param that nothing uses"),
     ("N209", "unknown-model", E, "an eval entry names a model that is not defined"),
+    ("N210", "output-overwrites-input", E, "an output path that is, holds or lies inside an input or another output"),
+    ("N211", "duplicate-eval", E, "two eval entries with the same name"),
     # I: inputs (adapter folders, base model) read without tensor data.
     ("I301", "missing-input", E, "an adapter or base path that does not exist"),
     ("I302", "bad-adapter-config", E, "`adapter_config.json` is missing or malformed"),
@@ -152,7 +154,9 @@ class Sink:
     def emit(self, code: str, message: str, span: Span | None = None, **kw) -> None:
         assert code in CODES, code
         diag = Diagnostic(code, message, span, **kw)
-        if not diag.is_ignored():
+        # An ignore comment silences warnings and notes; an error would only resurface,
+        # worse, when `run` trips over what it describes.
+        if diag.level is Severity.ERROR or not diag.is_ignored():
             self.items.append(diag)
 
     def emit_once(self, code: str, message: str, span: Span | None = None, **kw) -> None:

@@ -410,6 +410,7 @@ def _ia3_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> dic
                              f"with `feedforward_modules` ({'feed-forward' if is_ff else 'not feed-forward'})")
         modules[module] = ModuleInfo(name=module, out_features=rows if not is_ff else 0,
                                      in_features=cols if is_ff else 0, feedforward=is_ff, keys=(key,),
+                                     layout="conv1d" if config.get("fan_in_fan_out") else "linear",
                                      dtype=info.dtype)
     if not modules:
         raise InputError("I304", f"adapter `{name}` has no (IA)³ vectors in `adapter_model.safetensors`")

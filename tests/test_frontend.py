@@ -239,11 +239,12 @@ def test_ignore_comment_on_another_line_does_not_silence(tmp_path, capsys):
     assert "warning[N208] adapter `spare`" in out
 
 
-def test_ignore_silences_errors_too(tmp_path, capsys):
+def test_ignore_never_silences_an_error(tmp_path, capsys):
+    """An ignored error would only resurface, worse, when `run` trips over it."""
     path = write(tmp_path, "err.yaml", "peftdsl: 1\nadapters:\n  chat: {path: a, kind: lora}\n"
                                        "compose:\n  x: chat * chat   # peftdsl: ignore[T402]\n")
     status, out, _ = lint(capsys, "--no-inputs", "--format", "concise", str(path))
-    assert (status, out) == (EXIT_OK, "")
+    assert status == EXIT_ERRORS and "error[T402]" in out
 
 
 # ---------------------------------------------------------------- folder search

@@ -8,6 +8,7 @@ formulas (a dense SVD's best rank-k approximation, the (IA)³ formula).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -519,3 +520,43 @@ outputs:
     assert (tmp_path / "y").exists() and not (tmp_path / "x").exists()
     assert run(recipe, "--only", "nope") == 2
     assert "no output or composition `nope`" in capsys.readouterr().err
+
+
+def test_ia3_on_gpt2_conv1d_merges_and_evaluates_like_peft(tmp_path: Path):
+    """(IA)³ vectors on Conv1D scale the weight's columns (outputs) or rows (feed-forward inputs)."""
+    from tests.factories import tiny_tokenizer
+
+    save_tiny_gpt2(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    make_ia3(tmp_path / "i", base="gpt2", seed=3, targets=("c_attn", "mlp.c_proj"), feedforward=("mlp.c_proj",))
+    (tmp_path / "data.txt").write_text("the cat sat on the mat\na dog ran under the tree\n")
+    recipe = write_recipe(tmp_path, """peftdsl: 1
+base: base
+adapters: {i: i}
+compose:
+  m: 1 * i
+outputs:
+  m: {path: merged, merge: true}
+eval:
+  - {name: ppl, models: [i], metric: perplexity, data: data.txt}
+""")
+    assert run(recipe, "--report", str(tmp_path / "report")) == 0
+    reference = load_peft(tmp_path / "base", {"i": tmp_path / "i"}).merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+                 "transformer.h.1.mlp.c_proj.weight"):
+        torch.testing.assert_close(merged[name], reference[name], atol=1e-6, rtol=1e-5)
+    value = json.loads((tmp_path / "report" / "report.json").read_text())["results"][0]["value"]
+    # In-memory evaluation applied the vectors in the Conv1D layout: the same perplexity as
+    # PEFT's merged model, measured by plain transformers.
+    from transformers import AutoTokenizer
+
+    model = load_peft(tmp_path / "base", {"i": tmp_path / "i"}).merge_and_unload().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    nll = count = 0.0
+    with torch.no_grad():
+        for text in ("the cat sat on the mat", "a dog ran under the tree"):
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert value == pytest.approx(math.exp(nll / count), rel=1e-4)
