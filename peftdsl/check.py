@@ -182,6 +182,9 @@ def _check_sweep(recipe: ir.Recipe, sink: Sink, used: set[str]) -> None:
     elif select.model not in target.models:
         sink.emit("E502", f"`select` names model `{select.model}`, which eval `{select.eval}` does not evaluate",
                   select.span, help="models of that eval: " + ", ".join(target.models))
+    elif target.metric == "generate":
+        sink.emit("E502", f"`select` needs a number to compare, but eval `{select.eval}` generates text",
+                  select.span, help="select on a perplexity or accuracy eval")
 
 
 # ---------------------------------------------------------------- inputs
@@ -481,7 +484,7 @@ def op_leaves(comb: ir.Combination):
     return list(seen)
 
 
-def check_compositions(analysis: Analysis, sink: Sink) -> None:
+def check_compositions(analysis: Analysis, sink: Sink, *, use_files: bool = True) -> None:
     """Checks that need canonical forms: ranks for pem/peft_linear, (IA)³ flags, outputs."""
     leaves: dict[ir.OpLeaf, None] = {}
     for comb in analysis.canonical.values():
@@ -492,7 +495,7 @@ def check_compositions(analysis: Analysis, sink: Sink) -> None:
         if comb.kind is Kind.IA3:
             _check_feedforward(analysis, comb, sink)
     _check_outputs(analysis, sink)
-    _check_evals(analysis, sink)
+    _check_evals(analysis, sink, use_files)
 
 
 def _check_op(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
@@ -565,9 +568,16 @@ def _check_outputs(analysis: Analysis, sink: Sink) -> None:
                       help="add `base: path/to/model`")
 
 
-def _check_evals(analysis: Analysis, sink: Sink) -> None:
+def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
     recipe = analysis.recipe
+    dtypes = {dict(t.options).get("dtype") for t in recipe.evals} - {None}
+    if len(dtypes) > 1:  # the base is loaded once per run, in one dtype
+        sink.emit("E501", f"eval entries ask for different dtypes ({', '.join(sorted(dtypes))}), but the base "
+                  "model is loaded once per run", recipe.evals[0].span, help="give them all the same `dtype`")
     for target in recipe.evals:
+        if use_files and target.data.suffix in (".txt", ".jsonl") and not target.data.is_file():
+            sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`, which does not exist",
+                      target.span, help="data paths are relative to the recipe's folder")
         if recipe.base is None:
             sink.emit("E501", f"eval `{target.name}` needs a `base` model to run on", target.span,
                       help="add `base: path/to/model`")

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("--set", action="append", default=[], metavar="P=V", dest="sets")
     run.add_argument("--only", nargs="+", default=[], metavar="NAME")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    run.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda[:N]")
     run.add_argument("--force", action="store_true", help="replace existing outputs")
     run.add_argument("--no-eval", action="store_true")
     run.add_argument("--report", type=Path, default=None, metavar="DIR")
@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda[:N], got {text!r}")
+    return text
 
 
 def parse_sets(sets: list[str]) -> tuple[tuple[str, float], ...]:
@@ -186,7 +192,7 @@ def cmd_explain(args) -> int:
     from peftdsl.diagnostics import Sink
     from peftdsl.explain import explain
 
-    if not args.recipe.exists():
+    if not args.recipe.is_file():
         raise UsageError(f"no such file: {args.recipe}")
     sets = parse_sets(args.sets)
     sink = Sink()
@@ -208,7 +214,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    if not args.recipe.exists():
+    if not args.recipe.is_file():
         raise UsageError(f"no such file: {args.recipe}")
     from peftdsl.runner import run_command
 
@@ -216,7 +222,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    if not args.recipe.exists():
+    if not args.recipe.is_file():
         raise UsageError(f"no such file: {args.recipe}")
     from peftdsl.lock import lock_command
 

@@ -41,7 +41,7 @@ def analyse_recipe(recipe, sink: Sink, options: Options = Options()) -> Analysis
     params = dict(options.overrides)
     canonical.canonicalise(analysis, sink, params)
     _check_sweep_points(analysis, sink, params)
-    check.check_compositions(analysis, sink)
+    check.check_compositions(analysis, sink, use_files=options.use_files)
     return analysis
 
 

@@ -59,10 +59,11 @@ def run_command(args) -> int:
 
 
 def _check_only(analysis, only: list[str]) -> None:
-    names = {o.name for o in analysis.recipe.outputs} | {c.name for c in analysis.recipe.compose}
+    names = {o.name for o in analysis.recipe.outputs}
     unknown = [n for n in only if n not in names]
     if unknown:
-        raise UsageError(f"--only {unknown[0]}: the recipe has no output or composition `{unknown[0]}`")
+        raise UsageError(f"--only {unknown[0]}: the recipe has no output `{unknown[0]}`"
+                         + (f" (outputs: {', '.join(sorted(names))})" if names else ""))
 
 
 def _selected_outputs(analysis, only: list[str]) -> list[ir.Output]:
@@ -113,6 +114,12 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
         device = pick_device(args.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if analysis.recipe.evals and not args.no_eval:  # a bad report folder is found before, not after, the work
+        try:
+            _report_dir(args, analysis.recipe).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--report: cannot create `{_report_dir(args, analysis.recipe)}`: "
+                             f"{err.strerror or err}") from None
     reported = len(state.sink.items)
     if not args.force and not _fits_in_memory(state, args, device):
         print_diagnostics(state.sink.items[reported:], "full", sys.stderr.isatty())
@@ -253,13 +260,21 @@ def _first_line(err: BaseException) -> str:
 # ---------------------------------------------------------------- outputs
 
 
+_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
 def _output_dtype(state: RunState, out: ir.Output, name: str) -> str:
+    """The dtype written: the recipe's, else the base's for a merged model (its shards keep
+    it), else the first input adapter's."""
     if out.dtype:
         return out.dtype
-    leaves = adapter_leaves(state.analysis.canonical[name])
-    first = state.analysis.adapters[leaves[0]]
-    stored = next(iter(first.modules.values())).dtype
-    return {"F16": "float16", "BF16": "bfloat16"}.get(stored, "float32")
+    if out.merge and state.analysis.base is not None:
+        weights = state.analysis.base.weights.values()
+        stored = next((t.dtype for t in weights if t.dtype in ("F32", "F16", "BF16", "F64")), "F32")
+    else:
+        first = state.analysis.adapters[adapter_leaves(state.analysis.canonical[name])[0]]
+        stored = next(iter(first.modules.values())).dtype
+    return _DTYPE_NAMES.get(stored, "float32")
 
 
 def _provenance(state: RunState, out: ir.Output, params: dict, device, dtype: str) -> dict:
@@ -389,7 +404,8 @@ def _evaluate(state: RunState, executor, evals, params, overrides, args, console
                         "with weights_only=True")
         raise _RunFailed() from None
     except EvalDataError as err:
-        state.sink.emit("E501", f"evaluation data: {err}", evals[0].span)
+        failing = next((t for t in evals if t.data.name in str(err)), evals[0])  # its message names the file
+        state.sink.emit("E501", f"evaluation data: {err}", failing.span)
         raise _RunFailed() from None
     except OSError as err:
         state.sink.emit("E501", f"cannot load base model `{recipe.base}`: {_first_line(err)}", recipe.base_span)
@@ -403,11 +419,15 @@ def _evaluate(state: RunState, executor, evals, params, overrides, args, console
     return results, selected
 
 
+def _report_dir(args, recipe) -> Path:
+    return args.report or Path("peftdsl-reports") / recipe.name
+
+
 def _report(state: RunState, results, selected, args, console) -> None:
     from peftdsl.report import print_table, write_report
 
     recipe = state.analysis.recipe
-    directory = args.report or Path("peftdsl-reports") / recipe.name
+    directory = _report_dir(args, recipe)
     swept = [name for name, _ in recipe.sweep.grid] if recipe.sweep else []
     print_table(results, console, swept)
     written = write_report(directory, recipe.name, results, selected, swept)

@@ -519,7 +519,7 @@ outputs:
     assert run(recipe, "--only", "y") == 0
     assert (tmp_path / "y").exists() and not (tmp_path / "x").exists()
     assert run(recipe, "--only", "nope") == 2
-    assert "no output or composition `nope`" in capsys.readouterr().err
+    assert "no output `nope`" in capsys.readouterr().err
 
 
 def test_ia3_on_gpt2_conv1d_merges_and_evaluates_like_peft(tmp_path: Path):
