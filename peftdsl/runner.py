@@ -101,6 +101,16 @@ def _check_outputs_free(state: RunState, args) -> None:
         if exists and not args.force:
             state.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                             help="pass --force to replace it")
+        elif exists and not _replaceable(out.path):
+            state.sink.emit("R602", f"output `{out.name}` would replace `{out.path}`, which peftdsl did not write",
+                            out.span, help="--force replaces earlier peftdsl outputs only (they hold "
+                            "peftdsl.json); move that folder away yourself if it is meant to go")
+
+
+def _replaceable(path: Path) -> bool:
+    """An earlier peftdsl output (it holds its provenance) or an empty folder."""
+    return path.is_dir() and not path.is_symlink() and (
+        (path / "peftdsl.json").is_file() or not any(path.iterdir()))
 
 
 # ---------------------------------------------------------------- compute

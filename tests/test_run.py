@@ -411,9 +411,15 @@ outputs:
 """, name="exists.yaml")
     assert run(recipe) == 1
     assert (tmp_path / "mix" / "keep.txt").read_text() == "mine"
-    assert run(recipe, "--force") == 0
-    assert not (tmp_path / "mix" / "keep.txt").exists()
-    assert (tmp_path / "mix" / "adapter_model.safetensors").exists()
+    # Not even --force replaces a folder that peftdsl did not write.
+    assert run(recipe, "--force") == 1
+    assert (tmp_path / "mix" / "keep.txt").read_text() == "mine"
+    (tmp_path / "mix" / "keep.txt").unlink()
+    assert run(recipe, "--force") == 0  # an empty folder may be replaced
+    first = (tmp_path / "mix" / "adapter_model.safetensors").read_bytes()
+    assert run(recipe) == 1  # now an output: kept without --force
+    assert run(recipe, "--force") == 0  # and replaced with it
+    assert (tmp_path / "mix" / "adapter_model.safetensors").read_bytes() == first
 
 
 def test_pins_are_checked_before_any_compute(lab: Path, tmp_path: Path, capsys):
