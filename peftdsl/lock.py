@@ -8,6 +8,7 @@ a long form gains (or updates) its `sha256:` line, a flow mapping its entry.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from peftdsl.build import build_recipe, read_source
 from peftdsl.diagnostics import Sink
 from peftdsl.inputs import InputError, adapter_weights, locate_adapter
+from peftdsl.spans import SourceFile
 from peftdsl.yamlload import load_yaml
 
 
@@ -48,6 +50,12 @@ def lock_command(args) -> int:
     if recipe is None or sink.has_errors():
         return EXIT_ERRORS
     text = pinned_text(source, pins)
+    try:
+        _check_pinned(source, text, pins)
+    except ValueError as err:  # a layout the text edit does not handle: say so, write nothing
+        print(f"peftdsl: error: cannot pin {args.recipe} in place ({err}); add the sha256 pins by hand",
+              file=sys.stderr)
+        return EXIT_ERRORS
     if text != source.text:
         _replace(args.recipe, text)
     print(f"pinned {len(pins)} adapter{'s' if len(pins) != 1 else ''} in {args.recipe}", file=sys.stderr)
@@ -59,27 +67,44 @@ def pinned_text(source, pins: dict[str, str]) -> str:
     loaded = load_yaml(source, Sink())
     edits: list[tuple[int, int, str]] = []
     text = source.text
+    newline = "\r\n" if "\r\n" in text else "\n"
     for name, digest in pins.items():
         loc = loaded.spans[("adapters", name)]
         value = loaded.data["adapters"][name]
         pin = f'"{digest}"'
-        if isinstance(value, str):
-            edits.append((loc.value.start, loc.value.end, f"{{path: {loc.value.text}, sha256: {pin}}}"))
+        if not isinstance(value, dict):  # short form: the path, quoted so that `a,b` or `1e3` stay text
+            path = loc.value.text if loc.quoted else json.dumps(loc.value.text)
+            edits.append((loc.value.start, loc.value.end, f"{{path: {path}, sha256: {pin}}}"))
         elif "sha256" in value:
             old = loaded.spans[("adapters", name, "sha256")].value
             edits.append((old.start, old.end, pin))
         elif loc.value.text.startswith("{"):
             close = loc.value.end - 1  # the closing brace
-            edits.append((close, close, f", sha256: {pin}"))
+            comma = "" if text[:close].rstrip().endswith((",", "{")) else ","
+            edits.append((close, close, f"{comma} sha256: {pin}"))
         else:
             path_key = loaded.spans[("adapters", name, "path")]
             line_end = text.find("\n", path_key.value.end)
             line_end = len(text) if line_end < 0 else line_end
+            if text[line_end - 1:line_end] == "\r":
+                line_end -= 1
             indent = path_key.key.start - text.rfind("\n", 0, path_key.key.start) - 1
-            edits.append((line_end, line_end, "\n" + " " * indent + f"sha256: {pin}"))
+            edits.append((line_end, line_end, newline + " " * indent + f"sha256: {pin}"))
     for start, end, replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]
     return text
+
+
+def _check_pinned(source, text: str, pins: dict[str, str]) -> None:
+    """The edited recipe must mean what the original meant, plus the pins: never write otherwise."""
+    sink = Sink()
+    before, after = build_recipe(source, Sink()), build_recipe(SourceFile(source.path, text), sink)
+    if after is None or sink.has_errors():
+        raise ValueError("the pinned recipe does not build")
+    for adapter in before.adapters:
+        edited = after.adapter(adapter.name)
+        if edited is None or edited.location != adapter.location or edited.sha256 != pins.get(adapter.name):
+            raise ValueError(f"pinning changed adapter `{adapter.name}`")
 
 
 def _replace(path: Path, text: str) -> None:
