@@ -103,9 +103,9 @@ def _expand_short_forms(loaded: LoadedYaml) -> None:
         if not isinstance(entries, dict):
             continue
         for name, value in entries.items():
-            if isinstance(value, str):
-                entries[name] = {key: value}
+            if value is not None and not isinstance(value, (dict, list)):  # `a: 2024` is a path too
                 loc = loaded.spans[(section, name)]
+                entries[name] = {key: value if isinstance(value, str) else loc.value.text}
                 loaded.spans[(section, name, key)] = Located(loc.value, loc.key, loc.quoted)
 
 
@@ -128,7 +128,7 @@ def _keep_text_of_string_fields(loaded: LoadedYaml) -> None:
             if parent is None:
                 break
         value = parent.get(path[-1]) if isinstance(parent, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value is not None and not isinstance(value, (str, bool, dict, list)):  # numbers, dates
             parent[path[-1]] = loc.value.text
 
 
