@@ -69,10 +69,6 @@ def build_recipe(source: SourceFile, sink: Sink) -> ir.Recipe | None:
     return _Builder(loaded, spec, sink).recipe()
 
 
-def has_recipe_marker(loaded: LoadedYaml) -> bool:
-    return isinstance(loaded.data, dict) and "peftdsl" in loaded.data
-
-
 def _check_version(loaded: LoadedYaml, sink: Sink) -> bool:
     data, source = loaded.data, loaded.source
     if not isinstance(data, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from peftdsl import ir
 from peftdsl.check import Analysis, KindInference
 from peftdsl.diagnostics import Sink
+from peftdsl.lower import describe_plan
 
 
 def explain(analysis: Analysis) -> str:
@@ -33,7 +34,7 @@ def explain(analysis: Analysis) -> str:
         form = analysis.canonical.get(comp.name)
         if form is not None:
             lines.append(f"    canonical  {ir.combination_text(form)}")
-    plan_text = _plan(analysis)
+    plan_text = describe_plan(analysis)
     if plan_text:
         lines.extend(["", *plan_text])
     return "\n".join(lines)
@@ -75,11 +76,3 @@ def _children(node: ir.Expr) -> list[ir.Expr]:
     if isinstance(node, ir.Call):
         return list(node.args)
     return []
-
-
-def _plan(analysis: Analysis) -> list[str]:
-    try:
-        from peftdsl.lower import describe_plan
-    except ImportError:  # pragma: no cover - lowering not built
-        return []
-    return describe_plan(analysis)

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftdsl import ir
-from peftdsl.diagnostics import Sink
-from peftdsl.spans import Span
 
 ADAPTER_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -447,7 +445,3 @@ def expected_weight_shape(module: ModuleInfo) -> tuple[int, int]:
     if module.layout == "linear":
         return module.out_features, module.in_features
     return module.in_features, module.out_features
-
-
-def report(err: InputError, sink: Sink, span: Span, **kw) -> None:
-    sink.emit(err.code, err.message, span, help=err.help, **kw)

@@ -19,7 +19,6 @@ from peftdsl.inputs import ModuleInfo
 from peftdsl.spans import Span
 
 Kind = ir.Kind
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import struct
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,13 @@ from typing import Any
 import torch
 
 from peftdsl.atomic import atomic_output, check_output_free, json_bytes
-from peftdsl.tensorio import SafetensorsReader, StreamingSafetensors, as_dtype
+from peftdsl.inputs import read_safetensors_header
+from peftdsl.tensorio import (
+    TORCH_DTYPES,
+    SafetensorsReader,
+    StreamingSafetensors,
+    as_dtype,
+)
 from peftdsl.write import PROVENANCE, SAFETENSORS_METADATA
 
 Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
@@ -149,20 +154,6 @@ def _module_functions(name: str, delta: Any) -> dict[str, Callable[[torch.Tensor
 
 # =========================================================================== merged models
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 # Files copied from the base as they are: tokenizer and processor files, generation
 # defaults, and the code of remote-code models (config.json's auto_map may name it).
@@ -232,20 +223,10 @@ def _listed_files(base_dir: Path, single: str, index: str) -> list[Path]:
 def _read_entries(source: Path) -> list[TensorEntry]:
     """The tensors of one file, from its header only (safetensors) or a lazy mmap (pickle)."""
     if source.suffix == ".safetensors":
-        header = _safetensors_header(source)
-        return [
-            TensorEntry(name, source, tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
-            for name, info in sorted(header.items())
-            if name != "__metadata__"
-        ]
+        tensors, _ = read_safetensors_header(source)  # validated: offsets and sizes fit the file
+        return [TensorEntry(name, source, info.shape, TORCH_DTYPES[info.dtype]) for name, info in sorted(tensors.items())]
     state = _load_pickle(source)
     return [TensorEntry(name, source, tuple(t.shape), t.dtype) for name, t in sorted(state.items())]
-
-
-def _safetensors_header(source: Path) -> dict[str, Any]:
-    with open(source, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
 
 
 def _load_pickle(source: Path) -> dict[str, torch.Tensor]:

@@ -387,9 +387,9 @@ def _stream_lora_output(state: RunState, executor, out: ir.Output, template: dic
 
 def _evaluate(state: RunState, executor, evals, params, overrides, args, console):
     from peftdsl.evaluate import EvalDataError
+    from peftdsl.merge import PickledWeights
     from peftdsl.report import select_best
     from peftdsl.sweep import PointJob, RayMissing, evaluate_point, run_on_ray
-    from peftdsl.merge import PickledWeights
 
     recipe = state.analysis.recipe
     points = sweep_points(recipe, overrides) or [{}]

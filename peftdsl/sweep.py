@@ -53,8 +53,8 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
     no swept param) is evaluated once per sweep, not once per point.
     """
     from peftdsl.evaluate import EvalSpec, evaluate_models
-    from peftdsl.report import Result
     from peftdsl.merge import base_weight_files
+    from peftdsl.report import Result
 
     recipe = analysis.recipe
     cache = {} if cache is None else cache

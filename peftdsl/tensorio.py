@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                 "U8": torch.uint8, "BOOL": torch.bool}
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+# safetensors' dtype names and torch's: the one table every reader and writer uses.
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 class StreamingSafetensors:
@@ -109,7 +111,7 @@ class SafetensorsReader:
 
     def read_stacked(self, keys: list[str]) -> torch.Tensor:
         infos = [self.tensors[key] for key in keys]
-        dtype, shape = _TORCH_DTYPES.get(infos[0].dtype), infos[0].shape
+        dtype, shape = TORCH_DTYPES.get(infos[0].dtype), infos[0].shape
         if dtype is None or not dtype.is_floating_point or any(i.dtype != infos[0].dtype or i.shape != shape
                                                                 for i in infos):
             raise OSError(f"tensors of one group must share a float dtype and shape, got {infos[0].dtype}")
@@ -123,7 +125,7 @@ class SafetensorsReader:
     def read(self, key: str) -> torch.Tensor:
         """One tensor, in its stored dtype."""
         info = self.tensors[key]
-        dtype = _TORCH_DTYPES[info.dtype]
+        dtype = TORCH_DTYPES[info.dtype]
         size = info.offsets[1] - info.offsets[0]
         raw = torch.empty(size, dtype=torch.uint8)
         if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0]) != size:

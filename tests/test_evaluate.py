@@ -14,7 +14,15 @@ import math
 
 import pytest
 import torch
-from factories import VOCAB, load_peft, make_ia3, make_lora, tiny_gpt2, tiny_llama, tiny_tokenizer
+from factories import (
+    VOCAB,
+    load_peft,
+    make_ia3,
+    make_lora,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta, applied
 from peftdsl.evaluate import (

@@ -8,7 +8,14 @@ import math
 import pytest
 from rich.console import Console
 
-from peftdsl.report import Result, plot_file_name, print_table, report_json, select_best, write_report
+from peftdsl.report import (
+    Result,
+    plot_file_name,
+    print_table,
+    report_json,
+    select_best,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peftdsl.cli import main
-from tests.factories import load_peft, make_ia3, make_lora, save_tiny_gpt2, save_tiny_llama
+from tests.factories import (
+    load_peft,
+    make_ia3,
+    make_lora,
+    save_tiny_gpt2,
+    save_tiny_llama,
+)
 
 ATOL = 2e-6
 LLAMA_MODULES = [f"model.layers.{layer}.self_attn.{proj}" for layer in range(2)

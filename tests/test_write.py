@@ -30,7 +30,12 @@ from peftdsl import atomic, merge
 from peftdsl.apply import IA3Delta, LoraDelta
 from peftdsl.atomic import OutputExists, atomic_output
 from peftdsl.merge import PickledWeights, merge_transform, write_merged
-from peftdsl.write import exact_pattern_key, ia3_adapter_files, lora_adapter_files, write_adapter
+from peftdsl.write import (
+    exact_pattern_key,
+    ia3_adapter_files,
+    lora_adapter_files,
+    write_adapter,
+)
 from tests.factories import load_peft, make_ia3, make_lora, tiny_gpt2, tiny_llama
 
 TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.json": '{"model_max_length": 128}\n'}
