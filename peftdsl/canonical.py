@@ -35,7 +35,7 @@ def canonicalise(analysis: Analysis, sink: Sink, params: dict[str, float] | None
         kind = analysis.kinds.get(comp.name)
         if kind is None:
             continue
-        value = folder.of(comp.expr)
+        value = folder.top(comp.expr)
         if isinstance(value, ir.Combination):
             forms[comp.name] = value
             folder.compositions[comp.name] = value
@@ -47,10 +47,35 @@ class _Canonicaliser:
     def __init__(self, analysis: Analysis, params: dict[str, float], sink: Sink):
         self.analysis, self.params, self.sink = analysis, params, sink
         self.compositions: dict[str, ir.Combination] = {}
+        self.seen: dict[ir.Leaf, None] = {}  # leaves combined in the current `top` expression
 
     def leaf(self, name: str, kind: Kind, span: Span) -> ir.Combination:
         term = ir.Term(coef=1.0, leaf=ir.AdapterLeaf(name=name, span=span), span=span)
         return ir.Combination(kind=kind, terms=(term,), span=span)
+
+    def top(self, expr: ir.Expr) -> Value:
+        """A whole expression (a composition, or a function's argument), warning about the
+        terms its canonical form lost: judged on the result, so `a - a + a` (which is `a`)
+        says nothing, and `a + b - b` says `b` cancels."""
+        outer, self.seen = self.seen, {}
+        try:
+            value = self.of(expr)
+            if isinstance(value, ir.Combination):
+                self._warn_cancelled(value, expr.span)
+            return value
+        finally:
+            self.seen = outer
+
+    def _warn_cancelled(self, value: ir.Combination, span: Span) -> None:
+        kept = {term.leaf for term in value.terms}
+        lost = [leaf for leaf in self.seen if leaf not in kept]
+        if lost and not kept:
+            self.sink.emit("T410", f"`{span.text}` cancels out entirely: its delta is zero", span,
+                           help="check the signs and weights")
+            return
+        for leaf in lost:
+            self.sink.emit("T409", f"`{ir.leaf_text(leaf)}` cancels out here: its total weight is 0", span,
+                           help="remove it, or check the signs and weights")
 
     def of(self, expr: ir.Expr) -> Value:
         return getattr(self, f"_{type(expr).__name__.lower()}")(expr)
@@ -121,22 +146,15 @@ class _Canonicaliser:
             for term in comb.terms:
                 totals.setdefault(term.leaf, []).append(scale * term.coef)
                 first.setdefault(term.leaf, term)
-        terms, cancelled = [], []
+        terms = []
+        self.seen.update(dict.fromkeys(totals))  # for `top`'s warnings about lost terms
         for leaf, contributions in totals.items():
             coef = math.fsum(contributions)
             if not math.isfinite(coef):
                 self.sink.emit("T408", f"the weight of `{ir.leaf_text(leaf)}` overflows", span)
                 return None
-            if abs(coef) <= 1e-12 * math.fsum(abs(c) for c in contributions):
-                cancelled.append(leaf)
-                continue
-            terms.append(ir.Term(coef=coef, leaf=leaf, span=first[leaf].span))
-        if cancelled and not terms:
-            self.sink.emit("T410", f"`{span.text}` cancels out entirely: its delta is zero", span,
-                           help="check the signs and weights")
-        for leaf in cancelled if terms else ():
-            self.sink.emit("T409", f"`{ir.leaf_text(leaf)}` cancels out here: its total weight is 0", span,
-                           help="remove it, or check the signs and weights")
+            if abs(coef) > 1e-12 * math.fsum(abs(c) for c in contributions):
+                terms.append(ir.Term(coef=coef, leaf=leaf, span=first[leaf].span))
         terms.sort(key=lambda t: ir.leaf_text(t.leaf))
         kind = Kind.DENSE if Kind.DENSE in kinds else kinds.pop()
         return ir.Combination(kind=kind, terms=tuple(terms), span=span)
@@ -145,7 +163,7 @@ class _Canonicaliser:
         function = FUNCTIONS.get(expr.func)
         if function is None or len(expr.args) != 1:
             return None
-        arg = self.of(expr.args[0])
+        arg = self.top(expr.args[0])
         if not isinstance(arg, ir.Combination):
             return None
         options = self._options(expr, function)
