@@ -341,7 +341,7 @@ def _strip(key: str, suffix: str) -> str:
 
 
 def _lora_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> dict[str, ModuleInfo]:
-    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    r, alpha = config.get("r"), config.get("lora_alpha", 8)  # PEFT's LoraConfig default
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
         raise InputError("I302", f"adapter `{name}`: `r` and `lora_alpha` must be positive numbers")
     rank_pattern = config.get("rank_pattern") or {}
