@@ -15,13 +15,17 @@ import sys
 from pathlib import Path
 
 from peftdsl import __version__
+from peftdsl.console import (
+    EXIT_ERRORS,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    check_sets,
+    parse_sets,
+    print_diagnostics,
+)
 
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 _MARKER = re.compile(r"^peftdsl\s*:", re.MULTILINE)
-
-
-class UsageError(Exception):
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,27 +104,6 @@ def _device(text: str) -> str:
     return text
 
 
-def parse_sets(sets: list[str]) -> tuple[tuple[str, float], ...]:
-    out = []
-    for item in sets:
-        name, sep, value = item.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out.append((name.strip(), float(value)))
-        except ValueError:
-            raise UsageError(f"--set takes NAME=NUMBER, got `{item}`") from None
-    return tuple(out)
-
-
-def check_sets(analysis, sets) -> None:
-    params = {p.name for p in analysis.recipe.params}
-    for name, _ in sets:
-        if name not in params:
-            raise UsageError(f"--set {name}=…: the recipe has no param `{name}`"
-                             + (f" (params: {', '.join(sorted(params))})" if params else ""))
-
-
 def find_recipes(paths: list[Path]) -> list[Path]:
     """Files as given; folders searched for *.yaml / *.yml that carry a `peftdsl:` key."""
     found: list[Path] = []
@@ -146,19 +129,6 @@ def _use_color(choice: str) -> bool:
     if choice == "auto":
         return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     return choice == "always"
-
-
-def print_diagnostics(diags, fmt: str = "full", color: bool = False, stream=None) -> None:
-    from peftdsl import render
-
-    stream = stream or sys.stderr
-    if not diags and fmt in ("full", "concise", "github"):
-        return
-    text = render.RENDERERS[fmt](diags, color=color)
-    if text:
-        print(text.rstrip("\n"), file=stream)
-    if fmt == "full":
-        print(render.summary_line(diags, color=color), file=stream)
 
 
 # ---------------------------------------------------------------- commands

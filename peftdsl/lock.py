@@ -30,7 +30,7 @@ def sha256_file(path: Path) -> str:
 
 
 def lock_command(args) -> int:
-    from peftdsl.cli import EXIT_ERRORS, EXIT_OK, print_diagnostics
+    from peftdsl.console import EXIT_ERRORS, EXIT_OK, print_diagnostics
 
     source = read_source(args.recipe)
     sink = Sink()

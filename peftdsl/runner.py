@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftdsl import __version__, canonical, ir
-from peftdsl.cli import (
+from peftdsl.compiler import Options, analyse, sweep_points
+from peftdsl.console import (
     EXIT_ERRORS,
     EXIT_OK,
     UsageError,
@@ -24,7 +25,6 @@ from peftdsl.cli import (
     parse_sets,
     print_diagnostics,
 )
-from peftdsl.compiler import Options, analyse, sweep_points
 from peftdsl.diagnostics import Sink
 from peftdsl.lock import sha256_file
 from peftdsl.lower import adapter_leaves, estimate, group_rank, lower
