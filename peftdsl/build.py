@@ -167,6 +167,8 @@ def _dotted(loc: tuple) -> str:
 
 def _report_schema_error(loaded: LoadedYaml, error: dict, loc: tuple, sink: Sink) -> None:
     kind, key = error["type"], loc[-1] if loc else ""
+    if len(loc) == 2 and loc[0] == "sweep" and isinstance(error.get("input"), dict):
+        kind = "extra_forbidden"  # a mapping under `sweep:` is no grid: a misspelt `select`
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         known = sorted(model.model_fields) if model else []

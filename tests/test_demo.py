@@ -120,3 +120,13 @@ def test_lint_recipes_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kinds = {line.split("[")[0].rsplit(" ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if "[" in line}
     assert kinds <= {"note"}, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes" / "examples").glob("*.yaml")))
+def test_example_recipes_run(recipe, tmp_path):
+    """The examples in recipes/examples run end to end on the shipped demo assets."""
+    result = subprocess.run([sys.executable, "-m", "peftdsl", "run", str(ROOT / "recipes" / "examples" / recipe),
+                             "--force", "--quiet", "--report", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "internal error" not in result.stderr
