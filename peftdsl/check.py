@@ -215,6 +215,7 @@ def read_inputs(analysis: Analysis, sink: Sink, *, use_files: bool, allow_pickle
     _check_base_names(analysis, sink)
     _settle_layouts(analysis)
     _check_shapes(analysis, sink)
+    _check_tied_embeddings(analysis, sink)
 
 
 def _read_one(adapter: ir.Adapter, sink: Sink, use_files: bool, allow_pickle: bool) -> AdapterInfo | None:
@@ -318,6 +319,22 @@ def _check_shapes(analysis: Analysis, sink: Sink) -> None:
                 sink.emit("I307", _base_mismatch(analysis.base, module, name), adapter.span,
                           help="the adapter was trained on another base model")
                 break
+
+
+def _check_tied_embeddings(analysis: Analysis, sink: Sink) -> None:
+    """A delta on a tied embedding acts on the output layer too, once merged or patched in:
+    what `merge_and_unload` gives, but not what PEFT's unmerged forward computes."""
+    base = analysis.base
+    if base is None or not base.config.get("tie_word_embeddings", True):
+        return
+    for name, info in analysis.adapters.items():
+        tied = next((m for m in info.modules.values()
+                     if m.layout == "embedding" or m.name.split(".")[-1] == "lm_head"), None)
+        if tied is not None:
+            sink.emit("I313", f"adapter `{name}` adapts `{tied.name}`, which the base ties to its output layer",
+                      analysis.recipe.adapter(name).name_span,
+                      help="merged outputs and evaluation apply its delta to the shared weight, as "
+                      "`merge_and_unload` does; PEFT's unmerged forward applies it to the input side only")
 
 
 def _fits_base(base: BaseInfo, module) -> bool:

@@ -75,6 +75,7 @@ CODES: dict[str, Code] = _codes(
     ("I309", "checksum-mismatch", E, "an adapter's sha256 differs from its pin"),
     ("I310", "pickled-weights", E, "weights stored as a pickle, refused without --allow-pickle"),
     ("I311", "unpinned-source", E, "with --locked, an adapter without a sha256 pin"),
+    ("I313", "tied-embedding-delta", W, "a delta on an embedding the base ties to its output layer"),
     ("I312", "link-outside-adapter", E, "an adapter's file is a symlink to a file outside its folder"),
     # T: types and operators.
     ("T401", "mixed-adapter-kinds", E, "adapters of different kinds added together"),

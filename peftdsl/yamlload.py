@@ -207,8 +207,12 @@ class _Walker:
     def _scalar(self, node: yaml.ScalarNode, span: Span) -> Any:
         try:
             return self.constructor.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError, OverflowError, IndexError, TypeError) as err:  # `!!float ""`
+        except yaml.YAMLError as err:
             self.sink.emit("Y001", f"invalid YAML value: {_first_line(str(err))}", span)
+            return None
+        except (ValueError, OverflowError, IndexError, TypeError, AttributeError):  # `!!float ""`, `!!timestamp x`
+            kind = node.tag.rsplit(":", 1)[-1]
+            self.sink.emit("Y001", f"invalid YAML value: `{node.value}` is not a valid {kind}", span)
             return None
 
 

@@ -24,7 +24,7 @@ def build_fixtures(folder: Path) -> None:
     """Tiny adapters (good and broken) and a base model, built offline in a few seconds."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from factories import make_ia3, make_lora, save_tiny_llama, tiny_llama
+    from factories import make_ia3, make_lora, save_tiny_gpt2, save_tiny_llama, tiny_llama
 
     folder.mkdir(parents=True, exist_ok=True)
     save_tiny_llama(folder / "base")
@@ -38,6 +38,9 @@ def build_fixtures(folder: Path) -> None:
     make_ia3(folder / "ia3_ff_other", seed=6, feedforward=(), base_model_name_or_path=BASE_NAME)
     # Other bases: GPT-2 module names, a wider Llama, another recorded base name.
     make_lora(folder / "gpt2_lora", base="gpt2", targets=("c_attn",), seed=7, base_model_name_or_path=BASE_NAME)
+    # A GPT-2 base (its `wte` is tied to `lm_head`) and a LoRA on that embedding: I313.
+    save_tiny_gpt2(folder / "gpt2_base")
+    make_lora(folder / "gpt2_wte", base="gpt2", targets=("c_attn", "wte"), seed=11, base_model_name_or_path=BASE_NAME)
     make_lora(folder / "lora_wide", base=tiny_llama(hidden=96, intermediate=192), seed=8,
               base_model_name_or_path=BASE_NAME)
     make_lora(folder / "lora_other_base", r=4, seed=9, base_model_name_or_path="other-org/other-model")
