@@ -33,6 +33,10 @@ Layout = Literal["linear", "conv1d", "embedding"]
 LAYOUTS: tuple[str, ...] = ("linear", "conv1d", "embedding")
 
 
+class TiedWeightWarning(UserWarning):
+    """A patched weight is shared (tied embeddings); `peftdsl run` reports this as I313 instead."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoraDelta:
     """Low-rank factors with the scaling already folded in: ΔW = B·A (out×in)."""
@@ -104,6 +108,7 @@ def _patch_for(
         warnings.warn(
             f"the weight of `{name}` is shared with another module (tied weights); "
             "patching it changes both, as PEFT's merge would",
+            TiedWeightWarning,
             stacklevel=4,
         )
     if isinstance(delta, IA3Delta):

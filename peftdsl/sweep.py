@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
     not change across grid points (`base`, a plain adapter, a composition that uses
     no swept param) is evaluated once per sweep, not once per point.
     """
+    from peftdsl.apply import TiedWeightWarning
     from peftdsl.evaluate import EvalSpec, evaluate_models
     from peftdsl.merge import base_weight_files
     from peftdsl.report import Result
@@ -70,7 +72,10 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
         base = recipe.base_path or (analysis.base.path if analysis.base else Path(recipe.base))
         base_weight_files(base, allow_pickle=job.allow_pickle)  # a pickled base needs --allow-pickle here too
         model, tokenizer = _base_model(str(base), job.device, eval_dtype(recipe.evals))
-        for row in evaluate_models(model, tokenizer, todo, deltas, device=job.device, quiet=job.quiet):
+        with warnings.catch_warnings():  # the front end said so already, as I313, at the adapter
+            warnings.simplefilter("ignore", TiedWeightWarning)
+            rows = evaluate_models(model, tokenizer, todo, deltas, device=job.device, quiet=job.quiet)
+        for row in rows:
             cache[row.eval, form[row.model]] = row.value
     return [Result(eval=spec.name, model=m, metric=spec.metric, value=cache[spec.name, form[m]],
                    params=dict(job.point)) for spec in specs for m in spec.models]
