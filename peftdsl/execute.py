@@ -87,20 +87,25 @@ class Executor:
 
     # ------------------------------------------------------------ driving
 
-    def run(self, task: Task) -> dict[str, LoraDelta | DenseDelta | IA3Delta]:
+    def run(self, task: Task, advance=None) -> dict[str, LoraDelta | DenseDelta | IA3Delta]:
         """Every module's result, keyed by module name, in sorted order."""
         results: dict[str, LoraDelta | DenseDelta | IA3Delta] = {}
-        for chunk in self.stream(task):
+        for chunk in self.stream(task, advance):
             results.update(chunk)
         return dict(sorted(results.items()))
 
-    def stream(self, task: Task) -> Iterator[dict[str, LoraDelta | DenseDelta | IA3Delta]]:
-        """The results chunk by chunk, so that a writer can store each and let it go."""
+    def stream(self, task: Task, advance=None) -> Iterator[dict[str, LoraDelta | DenseDelta | IA3Delta]]:
+        """The results chunk by chunk, so that a writer can store each and let it go.
+
+        `advance(n)` is told after each chunk how many modules it held (progress bars).
+        """
         for group in task.groups:
             for chunk in self._chunks(task, group):
                 value = _Evaluation(self, chunk).combination(task.form)
                 _check_finite(value, chunk)
                 yield _split(value, chunk)
+                if advance is not None:
+                    advance(len(chunk.modules))
 
     def _chunks(self, task: Task, group: Group) -> list[Group]:
         per_module = _bytes_per_module(task, group)

@@ -39,6 +39,7 @@ class RunState:
     hashes: dict[str, str] = field(default_factory=dict)
     recipe_sha256: str = ""
     written: list[str] = field(default_factory=list)  # outputs complete on disk, in order
+    console: object = None  # rich Console on stderr, quiet with --quiet
 
 
 def run_command(args) -> int:
@@ -134,7 +135,7 @@ def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
     if not args.force and not _fits_in_memory(state, args, device):
         print_diagnostics(state.sink.items[reported:], "full", sys.stderr.isatty())
         return EXIT_ERRORS
-    console = _console(args.quiet)
+    console = state.console = _console(args.quiet)
     recipe = analysis.recipe
     results, selected = [], None
     started = time.perf_counter()
@@ -235,8 +236,23 @@ def _console(quiet: bool):
 def _deltas(state: RunState, executor, name: str):
     """Every module's delta for composition (or adapter) `name`; failures become R601/R603."""
     task = lower(state.analysis, name)
-    with _task_errors(state, task, name):
-        return executor.run(task)
+    with _task_errors(state, task, name), _progress(state, f"computing {name}", task.modules) as advance:
+        return executor.run(task, advance)
+
+
+@contextlib.contextmanager
+def _progress(state: RunState, description: str, total: int):
+    """A transient progress bar over modules, on a terminal only, silent with --quiet."""
+    console = state.console
+    if console is None or console.quiet or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 @contextlib.contextmanager
@@ -369,8 +385,8 @@ def _stream_lora_output(state: RunState, executor, out: ir.Output, template: dic
             specs[key_b] = (torch_dtype, (group.out_features, rank))
 
     def chunks():
-        with _task_errors(state, task, out.name):
-            for chunk in executor.stream(task):
+        with _task_errors(state, task, out.name), _progress(state, f"writing {out.name}", task.modules) as advance:
+            for chunk in executor.stream(task, advance):
                 tensors = {}
                 for module, delta in chunk.items():
                     key_a, key_b = write.lora_keys(module, delta.layout)
