@@ -202,3 +202,31 @@ def _show(value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value)
+
+
+def invariant_violations(comb: ir.Combination) -> list[str]:
+    """What is wrong with a combination claimed canonical (empty when nothing is).
+
+    The invariants every later stage relies on: distinct leaves, in `leaf_text` order,
+    finite non-zero coefficients, a kind that its terms allow (dense only if a dense
+    term is present), and function leaves whose arguments are canonical in turn. Tests
+    run it after canonicalisation on generated expressions.
+    """
+    problems = []
+    leaves = [term.leaf for term in comb.terms]
+    if len(set(leaves)) != len(leaves):
+        problems.append("a leaf appears twice")
+    texts = [ir.leaf_text(leaf) for leaf in leaves]
+    if texts != sorted(texts):
+        problems.append("terms are not in leaf order")
+    problems += [f"`{t}` has weight {term.coef}" for t, term in zip(texts, comb.terms)
+                 if term.coef == 0 or not math.isfinite(term.coef)]
+    leaf_kinds = {term.leaf.kind if isinstance(term.leaf, ir.OpLeaf) else None for term in comb.terms}
+    if comb.kind is Kind.DENSE and comb.terms and Kind.DENSE not in leaf_kinds:
+        problems.append("dense without a dense term")
+    if comb.kind is not Kind.DENSE and Kind.DENSE in leaf_kinds:
+        problems.append(f"{comb.kind} with a dense term")
+    for term in comb.terms:
+        if isinstance(term.leaf, ir.OpLeaf):
+            problems += [f"in `{ir.leaf_text(term.leaf)}`: {p}" for p in invariant_violations(term.leaf.arg)]
+    return problems

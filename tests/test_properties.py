@@ -288,3 +288,22 @@ def test_sums_commute(terms, random):
         assert x == y
     else:
         assert close(x, y)
+
+
+@given(expressions)
+def test_canonical_forms_keep_their_invariants(expr):
+    """After canonicalisation, every form (and every function's argument) is canonical."""
+    from peftdsl.canonical import invariant_violations
+
+    text = ir.to_source(expr)
+    more = "".join(f"  {n}: {{path: adapters/{n}, kind: lora, rank: 8}}\n" for n in ("chat", "toxic", "sst2", "_x"))
+    source = SourceFile(Path("inv.yaml"), DECLARED + more + f"params:\n  lam: 0.4\n  mu2: 0\ncompose:\n  x: '{text}'\n")
+    sink = Sink()
+    recipe = build_recipe(source, sink)
+    if recipe is None:
+        return
+    from peftdsl.compiler import analyse_recipe
+
+    analysis = analyse_recipe(recipe, sink, Options(use_files=False))
+    for name, form in analysis.canonical.items():
+        assert invariant_violations(form) == [], (name, text)
