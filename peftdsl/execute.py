@@ -99,13 +99,20 @@ class Executor:
 
         `advance(n)` is told after each chunk how many modules it held (progress bars).
         """
-        for group in task.groups:
-            for chunk in self._chunks(task, group):
-                value = _Evaluation(self, chunk).combination(task.form)
-                _check_finite(value, chunk)
-                yield _split(value, chunk)
-                if advance is not None:
-                    advance(len(chunk.modules))
+        for chunk in self.chunks(task):
+            yield self.compute(task, chunk)
+            if advance is not None:
+                advance(len(chunk.modules))
+
+    def chunks(self, task: Task) -> list[Group]:
+        """The task's groups cut under the memory budget: the units `compute` takes."""
+        return [chunk for group in task.groups for chunk in self._chunks(task, group)]
+
+    def compute(self, task: Task, chunk: Group) -> dict[str, LoraDelta | DenseDelta | IA3Delta]:
+        """The results of one chunk of a task, per module."""
+        value = _Evaluation(self, chunk).combination(task.form)
+        _check_finite(value, chunk)
+        return _split(value, chunk)
 
     def _chunks(self, task: Task, group: Group) -> list[Group]:
         per_module = _bytes_per_module(task, group)

@@ -126,16 +126,24 @@ class MergeTransform:
         return None if function is None else function(tensor)
 
 
-def merge_transform(deltas: Mapping[str, Any]) -> MergeTransform:
+def merge_transform(deltas: Mapping[str, Any], *, dense: bool = False) -> MergeTransform:
     """One transform for a whole mapping module → LoRA, dense or (IA)³ delta.
 
     The kind is read from the object's attributes: ``B`` (LoRA), ``delta``
     (dense) or ``l`` ((IA)³). (IA)³ also maps the module's bias, as PEFT does.
+    With ``dense=True`` every delta is dense and is looked up only when the writer
+    reaches its weight, so a lazy mapping can compute each just in time.
     """
+    if dense:
+        return MergeTransform({f"{name}.weight": (lambda W, n=name: _add_dense(W, deltas[n])) for name in sorted(deltas)})
     functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for name in sorted(deltas):
         functions.update(_module_functions(name, deltas[name]))
     return MergeTransform(functions)
+
+
+def _add_dense(W: torch.Tensor, delta: Any) -> torch.Tensor:
+    return add_dense_delta(W, delta.delta, delta.layout)
 
 
 def _module_functions(name: str, delta: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -9,6 +9,7 @@ atomically; nothing half-written is ever left in place.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 import hashlib
 import sys
 import time
@@ -255,6 +256,33 @@ def _progress(state: RunState, description: str, total: int):
         yield lambda n: bar.advance(task, n)
 
 
+class _LazyDeltas(Mapping):
+    """Module deltas computed a chunk at a time, when the merged writer first asks for one of
+    the chunk's modules, and dropped once read: a dense merge never holds a whole model of
+    deltas, only the chunks whose modules the shards have not reached yet."""
+
+    def __init__(self, state: RunState, executor, task, name: str):
+        self.state, self.executor, self.task, self.name = state, executor, task, name
+        self.chunk_of = {m: chunk for chunk in executor.chunks(task) for m in chunk.modules}
+        self.ready: dict = {}
+
+    def __getitem__(self, module: str):
+        if module not in self.ready:
+            with _task_errors(self.state, self.task, self.name):
+                self.ready.update(self.executor.compute(self.task, self.chunk_of[module]))
+        return self.ready.pop(module)
+
+    def __iter__(self):
+        return iter(self.chunk_of)
+
+    def __len__(self) -> int:
+        return len(self.chunk_of)
+
+
+def _lazy_deltas(state: RunState, executor, name: str) -> _LazyDeltas:
+    return _LazyDeltas(state, executor, lower(state.analysis, name), name)
+
+
 @contextlib.contextmanager
 def _task_errors(state: RunState, task, name: str):
     """Turn what can go wrong while computing `name` into a diagnostic at its recipe span."""
@@ -340,8 +368,10 @@ def _write_output(state: RunState, executor, out: ir.Output, params: dict, devic
     template = analysis.adapters[adapter_leaves(form)[0]].config
     try:
         if out.merge:
-            deltas = _deltas(state, executor, out.name)
-            merge.write_merged(out.path, base_dir=analysis.base.path, transform=merge.merge_transform(deltas),
+            dense = form.kind is Kind.DENSE  # full-size deltas: computed as the shards reach them
+            deltas = _lazy_deltas(state, executor, out.name) if dense else _deltas(state, executor, out.name)
+            merge.write_merged(out.path, base_dir=analysis.base.path,
+                               transform=merge.merge_transform(deltas, dense=dense),
                                dtype=out.dtype, force=force, allow_pickle=allow_pickle, provenance=provenance)
         elif form.kind is Kind.IA3:
             deltas = _deltas(state, executor, out.name)
