@@ -20,7 +20,6 @@ from peftdsl.inputs import (
     AdapterInfo,
     BaseInfo,
     InputError,
-    expected_weight_shape,
     locate_adapter,
     read_adapter,
     read_base,
@@ -339,13 +338,7 @@ def _check_tied_embeddings(analysis: Analysis, sink: Sink) -> None:
 
 def _fits_base(base: BaseInfo, module) -> bool:
     weight = base.module_weight(module.name)
-    if weight is None:
-        return False
-    if module.rank == 0:  # (IA)³: one dimension is known
-        size = module.in_features if module.feedforward else module.out_features
-        return size in weight.shape
-    return tuple(weight.shape) in {expected_weight_shape(module), (module.out_features, module.in_features),
-                                   (module.in_features, module.out_features)}
+    return weight is not None and len(weight.shape) == 2 and any(_layout_fits(module, tuple(weight.shape)))
 
 
 def _base_mismatch(base: BaseInfo, module, adapter: str) -> str:

@@ -139,10 +139,6 @@ class Diagnostic:
         return bool(match) and self.code in re.split(r"[,\s]+", match.group(1))
 
 
-class CompileError(Exception):
-    """Raised at a stage boundary when errors were reported; carries nothing new."""
-
-
 @dataclass
 class Sink:
     """Collects diagnostics in the order they were found."""
@@ -176,7 +172,3 @@ class Sink:
 
     def has_errors(self) -> bool:
         return any(d.level is Severity.ERROR for d in self.items)
-
-    def raise_if_errors(self) -> None:
-        if self.has_errors():
-            raise CompileError()

@@ -250,8 +250,7 @@ class _Evaluation:
         if value is None:
             return None
         if isinstance(value, Lora):
-            B = value.B if _is_unit(value.scale) else _scaled(value)
-            A, B = kernels.svd_from_factors(value.A, B, options["rank"], options.get("clamp"))
+            A, B = kernels.svd_from_factors(value.A, _folded_B(value), options["rank"], options.get("clamp"))
         else:
             A, B = kernels.svd_dense(value.delta, options["rank"], options.get("clamp"))
         return Lora(A, B)
@@ -301,9 +300,12 @@ def _is_unit(scale: object) -> bool:
     return isinstance(scale, float) and scale == 1.0
 
 
-def _scaled(value: Lora) -> torch.Tensor:
-    A, B = kernels.exact_sum([(1.0, value.A, value.B, value.scale)])
-    return B
+def _folded_B(value: Lora) -> torch.Tensor:
+    """B with the module scaling folded in (s·B), so that the factors alone give ΔW."""
+    if _is_unit(value.scale):
+        return value.B
+    scale = value.scale if isinstance(value.scale, float) else value.scale.view(-1, 1, 1)
+    return value.B * scale
 
 
 def _dense(value: Value) -> torch.Tensor:
@@ -317,8 +319,7 @@ def _split(value: Value | None, group: Group) -> dict[str, LoraDelta | DenseDelt
         return {}
     out = {}
     layout = group.layout
-    B = value.B if isinstance(value, Lora) and _is_unit(value.scale) else (
-        _scaled(value) if isinstance(value, Lora) else None)
+    B = _folded_B(value) if isinstance(value, Lora) else None
     for i, module in enumerate(group.modules):
         if isinstance(value, Lora):
             out[module] = LoraDelta(A=value.A[i].cpu(), B=B[i].cpu(), layout=layout)

@@ -438,10 +438,3 @@ def read_base(folder: Path) -> BaseInfo:
         weights.update(tensors)
         files.update(dict.fromkeys(tensors, folder / shard))
     return BaseInfo(folder, config, weights, files)
-
-
-def expected_weight_shape(module: ModuleInfo) -> tuple[int, int]:
-    """The base weight's shape that a module's factors imply, by layout."""
-    if module.layout == "linear":
-        return module.out_features, module.in_features
-    return module.in_features, module.out_features

@@ -14,8 +14,8 @@ Shapes follow the factor frame of ``docs/conventions.md``:
 - dense task tensors are ``[n, g, out, in]`` for ``n`` terms with weights ``[n]``;
 - (IA)³ vectors are any shape ``[g, ...]``.
 
-All compute is float32 (inputs are promoted); :func:`as_output` casts a result
-back to a storage dtype. Nothing here reads files or knows about recipes.
+All compute is float32 (inputs are promoted); the writers cast results to their
+storage dtype. Nothing here reads files or knows about recipes.
 """
 
 from __future__ import annotations
@@ -75,11 +75,6 @@ def _as_terms(terms: Sequence[tuple]) -> list[LoraTerm]:
 def _check_density(density: float) -> None:
     if density < 0:
         raise ValueError(f"density must be >= 0, got {density}")
-
-
-def as_output(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Cast a float32 result to its storage dtype, contiguous (as safetensors requires)."""
-    return x.to(dtype).contiguous()
 
 
 def lora_delta(A: Tensor, B: Tensor, scale: Scale = 1.0) -> Tensor:

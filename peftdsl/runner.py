@@ -314,7 +314,8 @@ def _first_line(err: BaseException) -> str:
 # ---------------------------------------------------------------- outputs
 
 
-_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# Which stored dtypes an output keeps; anything else (fp8, say) is written as float32.
+_OUTPUT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def _output_dtype(state: RunState, out: ir.Output, name: str) -> str:
@@ -328,7 +329,7 @@ def _output_dtype(state: RunState, out: ir.Output, name: str) -> str:
     else:
         first = state.analysis.adapters[adapter_leaves(state.analysis.canonical[name])[0]]
         stored = next(iter(first.modules.values())).dtype
-    return _DTYPE_NAMES.get(stored, "float32")
+    return _OUTPUT_DTYPES.get(stored, "float32")
 
 
 def _provenance(state: RunState, out: ir.Output, params: dict, device, dtype: str) -> dict:

@@ -588,8 +588,6 @@ def test_lora_delta_with_per_module_scale_and_low_precision_inputs():
     assert delta.dtype == torch.float32
     expected = torch.stack([scale[i] * (B[i].float() @ A[i].float()) for i in range(2)])
     close(delta, expected)
-    out = kernels.as_output(delta.transpose(1, 2), torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and out.is_contiguous()
 
 
 def test_scale_of_wrong_length_is_refused():
