@@ -306,14 +306,18 @@ def test_disk_full_on_a_small_tmpfs(corpus_root, tmp_path):
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_disk_full_in_process(corpus_root, tmp_path, monkeypatch):
-    """A full disk while tensors stream to the output file: R601, not an internal error."""
-    import peftdsl.tensorio
+@pytest.mark.parametrize(("module", "function"), [
+    ("peftdsl.tensorio", "_write_all"),  # while tensors stream to the output file
+    ("peftdsl.atomic", "_fsync_tree"),  # found by the fsync before the rename (delayed allocation)
+])
+def test_disk_full_is_r601(corpus_root, tmp_path, monkeypatch, module, function):
+    """A full disk is an R601 diagnostic, not an internal error, and leaves nothing behind."""
+    import importlib
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(peftdsl.tensorio, "_write_all", full)
+    monkeypatch.setattr(importlib.import_module(module), function, full)
     recipe = _small_recipe(tmp_path, corpus_root / "fixtures")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -336,16 +340,3 @@ def test_safetensors_disk_full_is_an_os_error(tmp_path, monkeypatch):
     assert caught.value.errno == errno.ENOSPC
 
 
-def test_enospc_while_flushing_is_r601(corpus_root, tmp_path, monkeypatch):
-    """A full disk found by the fsync before the rename (delayed allocation): same diagnostic."""
-    import peftdsl.atomic
-
-    def full(root):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(peftdsl.atomic, "_fsync_tree", full)
-    recipe = _small_recipe(tmp_path, corpus_root / "fixtures")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        status = main(["run", str(recipe), "--quiet", "--no-eval"])
-    _assert_disk_full_diagnostic(status, out.getvalue(), tmp_path)
