@@ -32,7 +32,7 @@ import _common as C  # noqa: E402
 CHILD = r"""
 import json, resource, sys, threading, time
 import torch, safetensors, peft, transformers  # noqa: F401  (a run imports these)
-import peftdsl.cli, peftdsl.runner, peftdsl.execute, peftdsl.write, peftdsl.lower  # noqa: F401
+import peftdsl.cli, peftdsl.runner, peftdsl.runtime.execute, peftdsl.outputs.write, peftdsl.lower  # noqa: F401
 
 def status():
     fields = {}

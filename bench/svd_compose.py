@@ -32,7 +32,7 @@ def per_module(out: int, inn: int, r: int, rank: int, repeats: int, peft_repeats
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    from peftdsl import kernels
+    from peftdsl.runtime import kernels
 
     alpha = 2.0 * r
     generator = torch.Generator().manual_seed(0)

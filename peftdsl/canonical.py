@@ -14,7 +14,7 @@ import math
 from peftdsl import ir
 from peftdsl.check import Analysis
 from peftdsl.diagnostics import Sink
-from peftdsl.functions import FUNCTIONS
+from peftdsl.operators import FUNCTIONS
 from peftdsl.spans import Span
 
 Kind = ir.Kind

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from peftdsl import ir
 from peftdsl.diagnostics import Label, Severity, Sink
-from peftdsl.functions import FUNCTIONS
+from peftdsl.operators import FUNCTIONS
 from peftdsl.inputs import (
     AdapterInfo,
     BaseInfo,

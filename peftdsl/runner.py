@@ -119,7 +119,7 @@ def _replaceable(path: Path) -> bool:
 
 
 def _execute(state: RunState, args, overrides: dict[str, float]) -> int:
-    from peftdsl.execute import Executor, pick_device
+    from peftdsl.runtime.execute import Executor, pick_device
 
     analysis = state.analysis
     try:
@@ -192,7 +192,7 @@ def planned_memory(state: RunState, args) -> tuple[int, str]:
     and (IA)³ outputs, evaluated models) also holds its float32 results, and
     evaluation holds the base model.
     """
-    from peftdsl.execute import DEFAULT_CHUNK_BYTES
+    from peftdsl.runtime.execute import DEFAULT_CHUNK_BYTES
 
     analysis = state.analysis
     streamed = {o.name for o in _selected_outputs(analysis, args.only)
@@ -359,8 +359,9 @@ def _provenance(state: RunState, out: ir.Output, params: dict, device, dtype: st
 
 def _write_output(state: RunState, executor, out: ir.Output, params: dict, device, force: bool,
                   allow_pickle: bool) -> None:
-    from peftdsl import merge, write
-    from peftdsl.atomic import OutputExists
+    from peftdsl.outputs import merge
+    from peftdsl.outputs import write
+    from peftdsl.outputs.atomic import OutputExists
 
     analysis = state.analysis
     form = analysis.canonical[out.name]
@@ -401,7 +402,7 @@ def _stream_lora_output(state: RunState, executor, out: ir.Output, template: dic
     header goes first and no more than one chunk of the output is ever in memory."""
     import torch
 
-    from peftdsl import write
+    from peftdsl.outputs import write
 
     task = lower(state.analysis, out.name)
     torch_dtype = getattr(torch, dtype)
@@ -433,10 +434,10 @@ def _stream_lora_output(state: RunState, executor, out: ir.Output, template: dic
 
 
 def _evaluate(state: RunState, executor, evals, params, overrides, args, console):
-    from peftdsl.evaluate import EvalDataError
-    from peftdsl.merge import PickledWeights
-    from peftdsl.report import select_best
-    from peftdsl.sweep import PointJob, RayMissing, evaluate_point, run_on_ray
+    from peftdsl.evaluation.evaluate import EvalDataError
+    from peftdsl.outputs.merge import PickledWeights
+    from peftdsl.evaluation.report import select_best
+    from peftdsl.evaluation.sweep import PointJob, RayMissing, evaluate_point, run_on_ray
 
     recipe = state.analysis.recipe
     points = sweep_points(recipe, overrides) or [{}]
@@ -481,7 +482,7 @@ def _report_dir(args, recipe) -> Path:
 
 
 def _report(state: RunState, results, selected, args, console) -> None:
-    from peftdsl.report import print_table, write_report
+    from peftdsl.evaluation.report import print_table, write_report
 
     recipe = state.analysis.recipe
     directory = _report_dir(args, recipe)

@@ -181,7 +181,7 @@ def _wait_for_tmp(folder: Path, proc: subprocess.Popen, limit: float) -> bool:
 FORK_SERVER = r"""
 import json, os, sys
 import torch, safetensors.torch, transformers, peft
-import peftdsl.runner, peftdsl.execute, peftdsl.write, peftdsl.merge, peftdsl.atomic, peftdsl.lower
+import peftdsl.runner, peftdsl.runtime.execute, peftdsl.outputs.write, peftdsl.outputs.merge, peftdsl.outputs.atomic, peftdsl.lower
 from peftdsl.cli import main
 print("ready", flush=True)
 for line in sys.stdin:
@@ -307,8 +307,8 @@ def test_disk_full_on_a_small_tmpfs(corpus_root, tmp_path):
 
 
 @pytest.mark.parametrize(("module", "function"), [
-    ("peftdsl.tensorio", "_write_all"),  # while tensors stream to the output file
-    ("peftdsl.atomic", "_fsync_tree"),  # found by the fsync before the rename (delayed allocation)
+    ("peftdsl.runtime.tensorio", "_write_all"),  # while tensors stream to the output file
+    ("peftdsl.outputs.atomic", "_fsync_tree"),  # found by the fsync before the rename (delayed allocation)
 ])
 def test_disk_full_is_r601(corpus_root, tmp_path, monkeypatch, module, function):
     """A full disk is an R601 diagnostic, not an internal error, and leaves nothing behind."""
@@ -329,14 +329,14 @@ def test_safetensors_disk_full_is_an_os_error(tmp_path, monkeypatch):
     """safetensors' own writer (used for (IA)³ outputs) reports ENOSPC as a SafetensorError."""
     from safetensors import SafetensorError
 
-    import peftdsl.atomic
+    import peftdsl.outputs.atomic
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(peftdsl.atomic, "_save_file", full)
+    monkeypatch.setattr(peftdsl.outputs.atomic, "_save_file", full)
     with pytest.raises(OSError) as caught:
-        peftdsl.atomic.save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={})
+        peftdsl.outputs.atomic.save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={})
     assert caught.value.errno == errno.ENOSPC
 
 

@@ -24,8 +24,8 @@ from factories import (
     tiny_tokenizer,
 )
 
-from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta, applied
-from peftdsl.evaluate import (
+from peftdsl.evaluation.apply import DenseDelta, IA3Delta, LoraDelta, applied
+from peftdsl.evaluation.evaluate import (
     EvalDataError,
     EvalSpec,
     accuracy,

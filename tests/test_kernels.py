@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
 
-from peftdsl import kernels
+from peftdsl.runtime import kernels
 from tests.factories import load_peft, make_ia3, make_lora
 
 ATOL = 1e-5

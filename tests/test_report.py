@@ -8,7 +8,7 @@ import math
 import pytest
 from rich.console import Console
 
-from peftdsl.report import (
+from peftdsl.evaluation.report import (
     Result,
     plot_file_name,
     print_table,

@@ -582,7 +582,7 @@ def test_batched_and_module_by_module_execution_agree(lab: Path, expression: str
     since each module draws from its own generator)."""
     from peftdsl.compiler import analyse
     from peftdsl.diagnostics import Sink
-    from peftdsl.execute import Executor
+    from peftdsl.runtime.execute import Executor
     from peftdsl.lower import lower
 
     recipe = write_recipe(lab, f"peftdsl: 1\nadapters: {{a: a, b: b, rs: rs}}\ncompose:\n  x: {expression}\n",
@@ -607,9 +607,9 @@ def test_dense_merged_output_is_computed_just_in_time_and_equals_the_eager_one(l
     weights equal base + the deltas computed eagerly."""
     from peftdsl.compiler import analyse
     from peftdsl.diagnostics import Sink
-    from peftdsl.execute import Executor
+    from peftdsl.runtime.execute import Executor
     from peftdsl.lower import lower
-    from peftdsl.merge import add_dense_delta
+    from peftdsl.outputs.merge import add_dense_delta
 
     recipe = write_recipe(lab, f"""peftdsl: 1
 base: base

@@ -116,7 +116,7 @@ def test_ray_executor_gives_the_local_results(lab: Path, tmp_path: Path):
 
 def test_models_that_do_not_depend_on_the_swept_param_are_evaluated_once(lab: Path, tmp_path: Path,
                                                                           monkeypatch):
-    import peftdsl.evaluate as evaluate
+    import peftdsl.evaluation.evaluate as evaluate
 
     calls = []
     real = evaluate.run_eval

@@ -26,11 +26,12 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from peftdsl import atomic, merge
-from peftdsl.apply import IA3Delta, LoraDelta
-from peftdsl.atomic import OutputExists, atomic_output
-from peftdsl.merge import PickledWeights, merge_transform, write_merged
-from peftdsl.write import (
+from peftdsl.outputs import atomic
+from peftdsl.outputs import merge
+from peftdsl.evaluation.apply import IA3Delta, LoraDelta
+from peftdsl.outputs.atomic import OutputExists, atomic_output
+from peftdsl.outputs.merge import PickledWeights, merge_transform, write_merged
+from peftdsl.outputs.write import (
     exact_pattern_key,
     ia3_adapter_files,
     lora_adapter_files,
@@ -491,7 +492,7 @@ def test_a_killed_run_leaves_no_output_and_its_temp_is_cleaned(tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from peftdsl.atomic import atomic_output\n"
+        "from peftdsl.outputs.atomic import atomic_output\n"
         "with atomic_output(Path(sys.argv[1]), force=False) as tmp:\n"
         "    (tmp / 'half.bin').write_bytes(b'x')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError
 
-from peftdsl import ir, kernels
-from peftdsl.apply import DenseDelta, IA3Delta, LoraDelta
+from peftdsl import ir
+from peftdsl.runtime import kernels
+from peftdsl.evaluation.apply import DenseDelta, IA3Delta, LoraDelta
 from peftdsl.check import Analysis
 from peftdsl.lower import Group, Task
-from peftdsl.tensorio import SafetensorsReader
+from peftdsl.runtime.tensorio import SafetensorsReader
 
 Kind = ir.Kind
 DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024

@@ -4,9 +4,9 @@ An adapter directory is what ``PeftModel.from_pretrained(base, path)`` loads as 
 is: ``adapter_config.json``, ``adapter_model.safetensors`` with PEFT's key names, and
 ``peftdsl.json`` (provenance). LoRA outputs have scaling 1 on every module. Module
 deltas are in the factor frame of ``docs/conventions.md``; the module objects may be
-:mod:`peftdsl.apply`'s ``LoraDelta``/``IA3Delta`` or anything with the same attributes
+:mod:`peftdsl.evaluation.apply`'s ``LoraDelta``/``IA3Delta`` or anything with the same attributes
 (``A``, ``B``, ``layout``; ``l``, ``feedforward``, ``layout``), or plain tuples in that
-order. Merged models are :mod:`peftdsl.merge`'s.
+order. Merged models are :mod:`peftdsl.outputs.merge`'s.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from peftdsl.atomic import atomic_output, json_bytes, save_file
-from peftdsl.tensorio import StreamingSafetensors, as_dtype
+from peftdsl.outputs.atomic import atomic_output, json_bytes, save_file
+from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from peftdsl.atomic import atomic_output, check_output_free, json_bytes
+from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
 from peftdsl.inputs import read_safetensors_header
-from peftdsl.tensorio import (
+from peftdsl.runtime.tensorio import (
     TORCH_DTYPES,
     SafetensorsReader,
     StreamingSafetensors,
     as_dtype,
 )
-from peftdsl.write import PROVENANCE, SAFETENSORS_METADATA
+from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
 
 Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 

@@ -37,7 +37,7 @@ class RayMissing(Exception):
 
 @functools.lru_cache(maxsize=2)
 def _base_model(path: str, device: str, dtype: str | None):
-    from peftdsl.evaluate import load_base
+    from peftdsl.evaluation.evaluate import load_base
 
     return load_base(path, device=device, dtype=dtype)
 
@@ -53,10 +53,10 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
     not change across grid points (`base`, a plain adapter, a composition that uses
     no swept param) is evaluated once per sweep, not once per point.
     """
-    from peftdsl.apply import TiedWeightWarning
-    from peftdsl.evaluate import EvalSpec, evaluate_models
-    from peftdsl.merge import base_weight_files
-    from peftdsl.report import Result
+    from peftdsl.evaluation.apply import TiedWeightWarning
+    from peftdsl.evaluation.evaluate import EvalSpec, evaluate_models
+    from peftdsl.outputs.merge import base_weight_files
+    from peftdsl.evaluation.report import Result
 
     recipe = analysis.recipe
     cache = {} if cache is None else cache
@@ -84,7 +84,7 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
 def _remote_point(job: PointJob) -> list[dict]:
     """A Ray task: rebuild the front end from the recipe file, evaluate one point."""
     from peftdsl.compiler import Options, analyse
-    from peftdsl.execute import Executor
+    from peftdsl.runtime.execute import Executor
     from peftdsl.lower import lower
 
     sink = Sink()
@@ -107,7 +107,7 @@ def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
         import ray
     except ImportError as err:
         raise RayMissing("--executor ray needs Ray: pip install 'peftdsl[ray]'") from err
-    from peftdsl.report import Result
+    from peftdsl.evaluation.report import Result
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

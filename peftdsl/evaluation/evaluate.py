@@ -2,7 +2,7 @@
 
 The base model is loaded once; every model of a recipe (``base``, an adapter, a
 composition, a grid point of a sweep) is evaluated by entering
-:func:`peftdsl.apply.applied` around its evaluation. The metrics:
+:func:`peftdsl.evaluation.apply.applied` around its evaluation. The metrics:
 
 - ``perplexity``: exp(Σ token NLL / Σ predicted tokens) over all sequences,
   each tokenised as ``tokenizer(text)`` (special tokens as the tokenizer adds
@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftdsl.apply import Delta, applied
+from peftdsl.evaluation.apply import Delta, applied
 
 if TYPE_CHECKING:
     import torch
 
-    from peftdsl.report import Result
+    from peftdsl.evaluation.report import Result
 
 METRICS: tuple[str, ...] = ("perplexity", "accuracy", "generate")
 
@@ -510,7 +510,7 @@ def evaluate_models(
     omitted: it means no delta). Each model is patched once for all the evals
     that name it; rows come back in recipe order (eval, then the eval's models).
     """
-    from peftdsl.report import Result
+    from peftdsl.evaluation.report import Result
 
     data = {spec.name: load_data(spec) for spec in specs}
     models = list(dict.fromkeys(name for spec in specs for name in spec.models))

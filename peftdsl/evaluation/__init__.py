@@ -1,0 +1,1 @@
+"""The evaluation wing: compositions patched into a loaded model, scored, swept and reported."""

@@ -1,0 +1,1 @@
+"""The output wing: adapter directories, merged models, and the atomic writes under both."""

@@ -1,0 +1,1 @@
+"""The executing wing: lowered plans run as batched torch operations (execute, kernels, tensor I/O)."""
