@@ -372,14 +372,15 @@ def strategies():
     """``expressions()`` over the grammar and ``recipe_documents()`` over the YAML schema."""
     from hypothesis import strategies as st
 
+    from peftdsl.operators import OPERATORS
+
     names = st.sampled_from(["chat", "toxic", "ia", "lam", "mix", "base", "undefined_name", "svd", "x" * 300])
     numbers = st.one_of(st.integers(0, 10**6).map(str),
                         st.floats(allow_nan=False, allow_infinity=False, min_value=0).map(repr),
                         st.sampled_from(["1e400", "1e-400", "0.0", "0", "9" * 400, ".5", "5."]))
     strings = st.sampled_from(['"total"', '"frequency"', "'total'", '"most"', '""'])
-    functions = st.sampled_from(["svd", "pem", "peft_linear", "ties", "dare_linear", "dare_ties",
-                                 "magnitude_prune", "nope"])
-    keywords = st.sampled_from(["rank", "density", "majority", "clamp", "rnak"])
+    functions = st.sampled_from([*OPERATORS, "nope"])
+    keywords = st.sampled_from(sorted({k.name for op in OPERATORS.values() for k in op.keywords} | {"rnak"}))
 
     def extend(inner):
         binary = st.tuples(inner, st.sampled_from(["+", "-", "*", "/"]), inner).map(lambda t: f"{t[0]} {t[1]} {t[2]}")

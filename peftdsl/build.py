@@ -16,13 +16,13 @@ from pydantic import BaseModel, ValidationError
 
 from peftdsl import ir, schema
 from peftdsl.diagnostics import Label, Sink
+from peftdsl.operators import OPERATORS
 from peftdsl.parse import parse_expression
 from peftdsl.spans import SourceFile, Span
 from peftdsl.yamlload import LoadedYaml, Located, load_yaml
 
-# Function names are reserved too, so `svd: a + b` cannot shadow svd(...).
-FUNCTIONS = ("svd", "pem", "peft_linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-RESERVED = frozenset(("base", *FUNCTIONS))
+# Operator names are reserved too, so `svd: a + b` cannot shadow svd(...).
+RESERVED = frozenset(("base", *OPERATORS))
 _NAME = re.compile(schema.NAME_PATTERN)
 
 

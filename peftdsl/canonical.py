@@ -10,42 +10,54 @@ Semantics (DESIGN §2) are defined on this form.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from peftdsl import ir
-from peftdsl.check import Analysis
 from peftdsl.diagnostics import Sink
-from peftdsl.operators import FUNCTIONS
+from peftdsl.operators import OPERATORS
+from peftdsl.numbers import show_number
 from peftdsl.spans import Span
 
 Kind = ir.Kind
 Value = float | ir.Combination | None  # None: not computable (an error was reported)
 
 
-def canonicalise(analysis: Analysis, sink: Sink, params: dict[str, float] | None = None) -> dict[str, ir.Combination]:
-    """Canonical forms of every composition (and of every adapter, as `1·a`)."""
-    values = {p.name: p.value for p in analysis.recipe.params}
+# Tests turn this on (tests/conftest.py): every canonical form is then checked against
+# the invariants below as it is made, and a violation is a bug, raised at once.
+CHECK_INVARIANTS = False
+
+
+def canonicalise(recipe: ir.Recipe, kinds: Mapping[str, Kind | None], sink: Sink,
+                 params: Mapping[str, float] | None = None) -> dict[str, ir.Combination]:
+    """Canonical forms of every composition (and of every adapter, as `1·a`), at `params`
+    (the recipe's values, overridden by `--set` or a sweep point)."""
+    values = {p.name: p.value for p in recipe.params}
     values.update(params or {})
-    folder = _Canonicaliser(analysis, values, sink)
+    folder = _Canonicaliser(recipe, kinds, values, sink)
     forms: dict[str, ir.Combination] = {}
-    for adapter in analysis.recipe.adapters:
-        kind = analysis.kinds.get(adapter.name)
+    for adapter in recipe.adapters:
+        kind = kinds.get(adapter.name)
         if kind is not None:
             forms[adapter.name] = folder.leaf(adapter.name, kind, adapter.name_span)
-    for comp in analysis.recipe.compose:
-        kind = analysis.kinds.get(comp.name)
+    for comp in recipe.compose:
+        kind = kinds.get(comp.name)
         if kind is None:
             continue
         value = folder.top(comp.expr)
         if isinstance(value, ir.Combination):
             forms[comp.name] = value
             folder.compositions[comp.name] = value
-    analysis.canonical = forms
+    if CHECK_INVARIANTS:
+        for name, form in forms.items():
+            problems = invariant_violations(form)
+            if problems:
+                raise AssertionError(f"canonical form of `{name}` breaks its invariants: {'; '.join(problems)}")
     return forms
 
 
 class _Canonicaliser:
-    def __init__(self, analysis: Analysis, params: dict[str, float], sink: Sink):
-        self.analysis, self.params, self.sink = analysis, params, sink
+    def __init__(self, recipe: ir.Recipe, kinds: Mapping[str, Kind | None], params: dict[str, float], sink: Sink):
+        self.recipe, self.kinds, self.params, self.sink = recipe, kinds, params, sink
         self.compositions: dict[str, ir.Combination] = {}
         self.seen: dict[ir.Leaf, None] = {}  # leaves combined in the current `top` expression
 
@@ -88,8 +100,8 @@ class _Canonicaliser:
             return self._finite(self.params[expr.id], expr.span)
         if expr.id in self.compositions:
             return self.compositions[expr.id]
-        kind = self.analysis.kinds.get(expr.id)
-        if kind is None or self.analysis.recipe.adapter(expr.id) is None:
+        kind = self.kinds.get(expr.id)
+        if kind is None or self.recipe.adapter(expr.id) is None:
             return None
         return self.leaf(expr.id, kind, expr.span)
 
@@ -160,7 +172,7 @@ class _Canonicaliser:
         return ir.Combination(kind=kind, terms=tuple(terms), span=span)
 
     def _call(self, expr: ir.Call) -> Value:
-        function = FUNCTIONS.get(expr.func)
+        function = OPERATORS.get(expr.func)
         if function is None or len(expr.args) != 1:
             return None
         arg = self.top(expr.args[0])
@@ -187,7 +199,7 @@ class _Canonicaliser:
                 continue
             problem = spec.problem(value)
             if problem:
-                self.sink.emit("T406", f"`{keyword.name}` {problem}, got {_show(value)}", keyword.value.span,
+                self.sink.emit("T406", f"`{keyword.name}` {problem}, got {show_number(value)}", keyword.value.span,
                                help=spec.description)
                 ok = False
                 continue
@@ -198,10 +210,6 @@ class _Canonicaliser:
         return tuple(sorted(options.items())) if ok else None
 
 
-def _show(value: object) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return repr(value)
 
 
 def invariant_violations(comb: ir.Combination) -> list[str]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from peftdsl import ir
 from peftdsl.diagnostics import Label, Severity, Sink
-from peftdsl.operators import FUNCTIONS
+from peftdsl.operators import OPERATORS
 from peftdsl.inputs import (
     AdapterInfo,
     BaseInfo,
@@ -26,24 +28,12 @@ from peftdsl.inputs import (
 )
 from peftdsl.spans import Span
 
+if TYPE_CHECKING:
+    from peftdsl.compiler import Analysis
+
 Kind = ir.Kind
 _ARTICLE = {Kind.LORA: "a LoRA adapter", Kind.IA3: "an (IA)³ adapter", Kind.DENSE: "a dense delta",
             Kind.SCALAR: "a number"}
-
-
-@dataclass
-class Analysis:
-    """What the front end knows about a recipe, stage by stage."""
-
-    recipe: ir.Recipe
-    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
-    base: BaseInfo | None = None
-    kinds: dict[str, Kind | None] = field(default_factory=dict)  # adapters and compositions
-    canonical: dict[str, ir.Combination] = field(default_factory=dict)
-
-    def declared_rank(self, name: str) -> int | None:
-        adapter = self.recipe.adapter(name)
-        return adapter.rank if adapter else None
 
 
 def describe(kind: Kind | None) -> str:
@@ -128,9 +118,9 @@ def _check_output_paths(recipe: ir.Recipe, sink: Sink) -> None:
 
 
 def _check_function_name(node: ir.Call, sink: Sink) -> None:
-    if node.func not in FUNCTIONS:
-        _unknown(sink, "N207", f"unknown function `{node.func}`", node.func_span, node.func, FUNCTIONS,
-                 "functions: " + ", ".join(FUNCTIONS))
+    if node.func not in OPERATORS:
+        _unknown(sink, "N207", f"unknown function `{node.func}`", node.func_span, node.func, OPERATORS,
+                 "functions: " + ", ".join(OPERATORS))
 
 
 def _check_name(node: ir.Name, comp: ir.Composition, defined: set[str], later: dict, sink: Sink) -> None:
@@ -146,7 +136,7 @@ def _check_name(node: ir.Name, comp: ir.Composition, defined: set[str], later: d
     elif node.id == "base":
         sink.emit("N201", "`base` is the base model, not an adapter", node.span,
                   help="the base model is what every delta is added to; it has no delta of its own")
-    elif node.id in FUNCTIONS:
+    elif node.id in OPERATORS:
         sink.emit("N201", f"`{node.id}` is a function", node.span, help=f"call it: `{node.id}(x, …)`")
     else:
         _unknown(sink, "N201", f"undefined name `{node.id}`", node.span, node.id, defined,
@@ -189,32 +179,51 @@ def _check_sweep(recipe: ir.Recipe, sink: Sink, used: set[str]) -> None:
 # ---------------------------------------------------------------- inputs
 
 
-def read_inputs(analysis: Analysis, sink: Sink, *, use_files: bool, allow_pickle: bool = False) -> None:
-    """Read adapters' and base's metadata; check declarations, base models and shapes."""
-    recipe = analysis.recipe
+@dataclass(frozen=True)
+class Inputs:
+    """What the input files (or in-memory sources) say, read from metadata only."""
+
+    adapters: Mapping[str, AdapterInfo]  # readable adapters, by recipe name
+    base: BaseInfo | None
+
+
+def read_inputs(recipe: ir.Recipe, sink: Sink, *, use_files: bool, allow_pickle: bool = False,
+                given: Mapping[str, AdapterInfo] | None = None) -> Inputs:
+    """Read adapters' and base's metadata; check declarations, base models and shapes.
+
+    `given` holds sources passed in memory (the Python API): they stand for the recipe's
+    adapter of the same name, whose path is then never looked at.
+    """
+    given = given or {}
+    adapters: dict[str, AdapterInfo] = {}
     for adapter in recipe.adapters:
-        info = _read_one(adapter, sink, use_files, allow_pickle)
+        info = given.get(adapter.name) or _read_one(adapter, sink, use_files, allow_pickle)
         if info is not None:
-            analysis.adapters[adapter.name] = info
+            adapters[adapter.name] = info
             _check_declared(adapter, info, sink)
-        analysis.kinds[adapter.name] = info.kind if info else adapter.kind
-    if use_files and recipe.base_path is not None:
+    base = _read_base(recipe, sink) if use_files else None
+    _check_base_names(recipe, adapters, sink)
+    adapters = _settle_layouts(adapters, base)
+    _check_shapes(recipe, adapters, base, sink)
+    _check_tied_embeddings(recipe, adapters, base, sink)
+    return Inputs(adapters, base)
+
+
+def _read_base(recipe: ir.Recipe, sink: Sink) -> BaseInfo | None:
+    if recipe.base_path is not None:
         try:
-            analysis.base = read_base(recipe.base_path)
+            return read_base(recipe.base_path)
         except InputError as err:
             sink.emit(err.code, _as_written(err.message, recipe.base_path, recipe.base), recipe.base_span,
                       help=err.help or ("paths are relative to the recipe's folder" if err.code == "I301" else ""))
-    elif use_files and recipe.base and recipe.base.startswith("hf:"):
+    elif recipe.base and recipe.base.startswith("hf:"):
         from peftdsl.inputs import resolve_hf
 
         try:
-            analysis.base = read_base(resolve_hf(recipe.base))
+            return read_base(resolve_hf(recipe.base))
         except InputError as err:
             sink.emit(err.code, err.message, recipe.base_span, help=err.help)
-    _check_base_names(analysis, sink)
-    _settle_layouts(analysis)
-    _check_shapes(analysis, sink)
-    _check_tied_embeddings(analysis, sink)
+    return None
 
 
 def _read_one(adapter: ir.Adapter, sink: Sink, use_files: bool, allow_pickle: bool) -> AdapterInfo | None:
@@ -249,26 +258,31 @@ def _check_declared(adapter: ir.Adapter, info: AdapterInfo, sink: Sink) -> None:
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 
-def _settle_layouts(analysis: Analysis) -> None:
+def _settle_layouts(adapters: Mapping[str, AdapterInfo], base: BaseInfo | None) -> dict[str, AdapterInfo]:
     """Take each module's layout from the base when there is one, as PEFT does at load time.
 
     PEFT decides `fan_in_fan_out` per module from its type (and rewrites the flag for
     `Conv1D`), so an adapter's config may say `false` for GPT-2's Conv1D modules. The
     base's weight shape tells which layout holds; for square weights its model type does.
     """
-    base = analysis.base
     if base is None or not base.weights:
-        return
+        return dict(adapters)
     conv1d_model = base.config.get("model_type") in CONV1D_MODEL_TYPES
-    for info in analysis.adapters.values():
-        for name, module in list(info.modules.items()):
-            weight = base.module_weight(name)
-            if module.layout == "embedding" or weight is None or len(weight.shape) != 2:
-                continue
+    return {name: _with_base_layouts(info, base, conv1d_model) for name, info in adapters.items()}
+
+
+def _with_base_layouts(info: AdapterInfo, base: BaseInfo, conv1d_model: bool) -> AdapterInfo:
+    """`info` with each module's layout as the base's weight decides (a new object when any changes)."""
+    modules = {}
+    for name, module in info.modules.items():
+        weight = base.module_weight(name)
+        if module.layout != "embedding" and weight is not None and len(weight.shape) == 2:
             linear, conv1d = _layout_fits(module, tuple(weight.shape))
             layout = "conv1d" if conv1d and (not linear or conv1d_model) else "linear"
-            if layout != module.layout:
-                info.modules[name] = dataclasses.replace(module, layout=layout)
+            module = dataclasses.replace(module, layout=layout) if layout != module.layout else module
+        modules[name] = module
+    changed = any(modules[n] is not m for n, m in info.modules.items())
+    return dataclasses.replace(info, modules=modules) if changed else info
 
 
 def _layout_fits(module, shape: tuple[int, int]) -> tuple[bool, bool]:
@@ -285,24 +299,24 @@ def _layout_fits(module, shape: tuple[int, int]) -> tuple[bool, bool]:
     return shape == out_in, shape == out_in[::-1]
 
 
-def _check_base_names(analysis: Analysis, sink: Sink) -> None:
+def _check_base_names(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], sink: Sink) -> None:
     """Differing or missing `base_model_name_or_path` is a warning: hub ids and paths name one model."""
-    named = {n: i.base_model for n, i in analysis.adapters.items()}
+    named = {n: i.base_model for n, i in adapters.items()}
     distinct = {v for v in named.values() if v}
     if len(distinct) > 1 or (distinct and None in named.values()):
-        first = next(iter(analysis.adapters))
+        first = next(iter(adapters))
         for name, value in named.items():
             if value != named[first]:
-                adapter = analysis.recipe.adapter(name)
+                adapter = recipe.adapter(name)
                 sink.emit("I306", f"adapter `{name}` was trained on `{value}`, adapter `{first}` on "
                           f"`{named[first]}`", adapter.name_span,
                           help="check that both fit the same base model; shapes are checked separately")
 
 
-def _check_shapes(analysis: Analysis, sink: Sink) -> None:
+def _check_shapes(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: BaseInfo | None,
+                  sink: Sink) -> None:
     seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
-    recipe = analysis.recipe
-    for name, info in analysis.adapters.items():
+    for name, info in adapters.items():
         adapter = recipe.adapter(name)
         for module in info.modules.values():
             shape = (module.out_features, module.in_features)
@@ -314,24 +328,24 @@ def _check_shapes(analysis: Analysis, sink: Sink) -> None:
                               help="adapters must be trained on the same base model")
                     break
                 seen.setdefault(module.name, (name, shape, module.feedforward))
-            if analysis.base is not None and analysis.base.weights and not _fits_base(analysis.base, module):
-                sink.emit("I307", _base_mismatch(analysis.base, module, name), adapter.span,
+            if base is not None and base.weights and not _fits_base(base, module):
+                sink.emit("I307", _base_mismatch(base, module, name), adapter.span,
                           help="the adapter was trained on another base model")
                 break
 
 
-def _check_tied_embeddings(analysis: Analysis, sink: Sink) -> None:
+def _check_tied_embeddings(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: BaseInfo | None,
+                           sink: Sink) -> None:
     """A delta on a tied embedding acts on the output layer too, once merged or patched in:
     what `merge_and_unload` gives, but not what PEFT's unmerged forward computes."""
-    base = analysis.base
     if base is None or not base.config.get("tie_word_embeddings", True):
         return
-    for name, info in analysis.adapters.items():
+    for name, info in adapters.items():
         tied = next((m for m in info.modules.values()
                      if m.layout == "embedding" or m.name.split(".")[-1] == "lm_head"), None)
         if tied is not None:
             sink.emit("I313", f"adapter `{name}` adapts `{tied.name}`, which the base ties to its output layer",
-                      analysis.recipe.adapter(name).name_span,
+                      recipe.adapter(name).name_span,
                       help="merged outputs and evaluation apply its delta to the shared weight, as "
                       "`merge_and_unload` does; PEFT's unmerged forward applies it to the input side only")
 
@@ -356,21 +370,24 @@ def _shape(shape) -> str:
 # ---------------------------------------------------------------- kinds
 
 
-def infer_kinds(analysis: Analysis, sink: Sink) -> None:
-    """Give every composition a kind; report operators and calls that do not type."""
-    for comp in analysis.recipe.compose:
-        kind = KindInference(analysis, sink).of(comp.expr)
+def infer_kinds(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], sink: Sink) -> dict[str, Kind | None]:
+    """The kind of every adapter (read, else declared) and composition; reports what does not type."""
+    kinds: dict[str, Kind | None] = {a.name: adapters[a.name].kind if a.name in adapters else a.kind
+                                     for a in recipe.adapters}
+    for comp in recipe.compose:
+        kind = KindInference(recipe, kinds, sink).of(comp.expr)
         if kind is Kind.SCALAR:
             sink.emit("T412", f"composition `{comp.name}` is a number, not an adapter", comp.span,
                       help="put numbers under `params:`")
             kind = None
-        analysis.kinds[comp.name] = kind
+        kinds[comp.name] = kind
+    return kinds
 
 
 class KindInference:
-    def __init__(self, analysis: Analysis, sink: Sink):
-        self.analysis, self.sink = analysis, sink
-        self.params = {p.name for p in analysis.recipe.params}
+    def __init__(self, recipe: ir.Recipe, kinds: Mapping[str, Kind | None], sink: Sink):
+        self.kinds, self.sink = kinds, sink
+        self.params = {p.name for p in recipe.params}
 
     def of(self, expr: ir.Expr) -> Kind | None:
         return getattr(self, f"_{type(expr).__name__.lower()}")(expr)
@@ -381,7 +398,7 @@ class KindInference:
     def _name(self, expr: ir.Name) -> Kind | None:
         if expr.id in self.params:
             return Kind.SCALAR
-        return self.analysis.kinds.get(expr.id)
+        return self.kinds.get(expr.id)
 
     def _neg(self, expr: ir.Neg) -> Kind | None:
         return self.of(expr.operand)
@@ -430,7 +447,7 @@ class KindInference:
         return f"this is {describe(kind)}"
 
     def _call(self, expr: ir.Call) -> Kind | None:
-        function = FUNCTIONS.get(expr.func)
+        function = OPERATORS.get(expr.func)
         kinds = [self.of(a) for a in expr.args]
         for keyword in expr.keywords:
             if not isinstance(keyword.value, ir.String):
@@ -509,19 +526,18 @@ def check_compositions(analysis: Analysis, sink: Sink, *, use_files: bool = True
 
 
 def _check_op(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
-    function = FUNCTIONS[leaf.func]
-    if function.adapters_only:
+    operator = OPERATORS[leaf.func]
+    if operator.adapters_only:
         ops = [t for t in leaf.arg.terms if isinstance(t.leaf, ir.OpLeaf)]
         if ops:
             sink.emit("T413", f"`{leaf.func}` combines source adapters, not `{ir.leaf_text(ops[0].leaf)}`",
                       ops[0].span, help=f"`{leaf.func}` acts on the A and B factors of the adapters it is given")
             return
-    if function.equal_ranks:
+    if operator.equal_ranks:
         _check_equal_ranks(analysis, leaf, sink)
-    if leaf.func == "pem" and leaf.arg.kind is Kind.LORA:
-        sink.emit_once("T411", "`pem` adds A and B factors separately (the paper's parameter-space arithmetic); "
-                       "its delta has cross terms Bⱼ·Aᵢ and is not the sum of the adapters' deltas", leaf.span,
-                       help="write the expression without `pem(...)` for the exact sum of deltas")
+    if operator.note is not None and leaf.arg.kind in operator.accepts:  # not after a type error
+        code, message, help = operator.note
+        sink.emit_once(code, message, leaf.span, help=help)
 
 
 def _check_equal_ranks(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
@@ -539,7 +555,7 @@ def _check_equal_ranks(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:
                           leaf.span, help="use the exact sum (no function), or svd(..., rank=N) first")
                 return
         return
-    declared = {n: analysis.declared_rank(n) for n in names}
+    declared = {n: analysis.recipe.adapter(n).rank for n in names}
     if len({r for r in declared.values() if r is not None}) > 1:
         shown = ", ".join(f"`{n}` rank {r}" for n, r in declared.items() if r is not None)
         sink.emit("T404", f"`{leaf.func}` needs equal ranks, but {shown}", leaf.span,

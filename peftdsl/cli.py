@@ -168,7 +168,7 @@ def cmd_explain(args) -> int:
     sink = Sink()
     analysis = analyse(args.recipe, sink, Options(use_files=not args.no_inputs, overrides=sets))
     if analysis is not None:
-        check_sets(analysis, sets)
+        check_sets(analysis.recipe, sets)
     print_diagnostics(sink.items, "full", _use_color("auto"))
     if analysis is None or sink.has_errors():
         return EXIT_ERRORS
@@ -184,11 +184,20 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    if not args.recipe.is_file():
-        raise UsageError(f"no such file: {args.recipe}")
-    from peftdsl.runner import run_command
+    import peftdsl
+    from peftdsl.errors import RecipeError
+    from peftdsl.runner import RunOptions
 
-    return run_command(args)
+    recipe = peftdsl.load(args.recipe, params=dict(parse_sets(args.sets)), allow_pickle=args.allow_pickle)
+    color = sys.stderr.isatty()
+    options = RunOptions(only=tuple(args.only), device=args.device, force=args.force, no_eval=args.no_eval,
+                         report=args.report, executor=args.executor, address=args.address, locked=args.locked,
+                         quiet=args.quiet, on_diagnostics=lambda diags: print_diagnostics(diags, "full", color))
+    try:
+        recipe.run_with(options)
+    except RecipeError:
+        return EXIT_ERRORS  # its diagnostics were printed as the run found them
+    return EXIT_OK
 
 
 def cmd_lock(args) -> int:

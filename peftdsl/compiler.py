@@ -1,21 +1,26 @@
-"""The front-end driver: recipe file -> checked, canonical `Analysis`.
+"""The front-end driver: recipe -> checked, canonical `Analysis`.
 
     load YAML with positions → parse expressions → build the IR → resolve names
     → read input metadata → infer kinds → canonicalise → check compositions
 
-Each stage appends to one sink and the driver goes on while the IR it needs
-exists, so a single run reports every error it can find. Nothing here imports
-torch: `lint` and `explain` are this and a renderer.
+Each stage is a function that takes what the earlier ones returned and returns its
+own result; user errors go to one sink, and the driver goes on while the IR it
+needs exists, so a single run reports every error it can find. The `Analysis` it
+returns is frozen: a sweep point is `analysis.at(params)`, a new object. Nothing
+here imports torch: `lint` and `explain` are this and a renderer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftdsl import build, canonical, check
-from peftdsl.check import Analysis
+from peftdsl import build, canonical, check, ir
 from peftdsl.diagnostics import Sink
+from peftdsl.inputs import AdapterInfo, BaseInfo
+from peftdsl.numbers import show_point
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,26 @@ class Options:
     use_files: bool = True  # False: --no-inputs (declared kinds and ranks only)
     allow_pickle: bool = False
     overrides: tuple[tuple[str, float], ...] = ()  # --set p=v
+    given: Mapping[str, AdapterInfo] = field(default_factory=dict)  # in-memory sources (the API)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the front end knows about a recipe: every stage's result, at one set of params."""
+
+    recipe: ir.Recipe
+    adapters: Mapping[str, AdapterInfo]  # readable adapters, by name
+    base: BaseInfo | None
+    kinds: Mapping[str, ir.Kind | None]  # adapters and compositions; None: unknown (reported)
+    canonical: Mapping[str, ir.Combination]
+    params: Mapping[str, float]  # every param's value for these canonical forms
+    overrides: Mapping[str, float] = field(default_factory=dict)  # `--set` values: they pin the sweep
+
+    def at(self, params: Mapping[str, float]) -> Analysis:
+        """The same recipe with its forms canonicalised at `params` (a sweep point, say)."""
+        values = {**self.params, **params}
+        forms = canonical.canonicalise(self.recipe, self.kinds, Sink(), values)
+        return dataclasses.replace(self, canonical=forms, params=values)
 
 
 def analyse(path: Path, sink: Sink, options: Options = Options()) -> Analysis | None:
@@ -33,40 +58,39 @@ def analyse(path: Path, sink: Sink, options: Options = Options()) -> Analysis | 
     return analyse_recipe(recipe, sink, options)
 
 
-def analyse_recipe(recipe, sink: Sink, options: Options = Options()) -> Analysis:
-    analysis = Analysis(recipe)
+def analyse_recipe(recipe: ir.Recipe, sink: Sink, options: Options = Options()) -> Analysis:
     check.resolve_names(recipe, sink)
-    check.read_inputs(analysis, sink, use_files=options.use_files, allow_pickle=options.allow_pickle)
-    check.infer_kinds(analysis, sink)
-    params = dict(options.overrides)
-    canonical.canonicalise(analysis, sink, params)
-    _check_sweep_points(analysis, sink, params)
+    inputs = check.read_inputs(recipe, sink, use_files=options.use_files, allow_pickle=options.allow_pickle,
+                               given=options.given)
+    kinds = check.infer_kinds(recipe, inputs.adapters, sink)
+    params = {p.name: p.value for p in recipe.params} | dict(options.overrides)
+    forms = canonical.canonicalise(recipe, kinds, sink, params)
+    analysis = Analysis(recipe, inputs.adapters, inputs.base, kinds, forms, params, dict(options.overrides))
+    _check_sweep_points(analysis, sink)
     check.check_compositions(analysis, sink, use_files=options.use_files)
     return analysis
 
 
-def _check_sweep_points(analysis: Analysis, sink: Sink, params: dict[str, float]) -> None:
+def _check_sweep_points(analysis: Analysis, sink: Sink) -> None:
     """Canonicalise at every grid point so that, say, a division by a swept zero is found now."""
-    for point in sweep_points(analysis.recipe, params):
+    known = {(d.code, d.span.start if d.span else None) for d in sink.items}
+    for point in sweep_points(analysis.recipe, analysis.overrides):
         scratch = Sink()
-        saved = analysis.canonical
-        canonical.canonicalise(analysis, scratch, {**params, **point})
-        analysis.canonical = saved
-        shown = ", ".join(f"{k}={v:g}" for k, v in point.items())
-        known = {(d.code, d.span.start if d.span else None) for d in sink.items}
+        canonical.canonicalise(analysis.recipe, analysis.kinds, scratch, {**analysis.params, **point})
         for diag in scratch.errors:
             if (diag.code, diag.span.start if diag.span else None) not in known:
-                sink.emit(diag.code, f"{diag.message} (at sweep point {shown})", diag.span,
+                known.add((diag.code, diag.span.start if diag.span else None))
+                sink.emit(diag.code, f"{diag.message} (at sweep point {show_point(point)})", diag.span,
                           label=diag.label, labels=diag.labels, help=diag.help)
 
 
-def sweep_points(recipe, pinned: dict[str, float] | None = None) -> list[dict[str, float]]:
-    """The cartesian grid of the sweep, in order; `--set` pins a param to one value."""
+def sweep_points(recipe: ir.Recipe, overrides: Mapping[str, float] | None = None) -> list[dict[str, float]]:
+    """The cartesian grid of the sweep, in order; a `--set` override pins a param to one value."""
     if recipe.sweep is None:
         return []
     points: list[dict[str, float]] = [{}]
     for name, values in recipe.sweep.grid:
-        if pinned and name in pinned:
-            values = (pinned[name],)
+        if overrides and name in overrides:
+            values = (overrides[name],)
         points = [{**p, name: v} for p in points for v in values]
     return points

@@ -11,8 +11,7 @@ import sys
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
-    """A command used wrongly (a missing file, a bad flag value): exit 2, one line, no traceback."""
+from peftdsl.errors import UsageError  # a command used wrongly: exit 2, one line, no traceback
 
 
 def parse_sets(sets: list[str]) -> tuple[tuple[str, float], ...]:
@@ -29,9 +28,9 @@ def parse_sets(sets: list[str]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def check_sets(analysis, sets) -> None:
-    """Every `--set` names a param of the recipe."""
-    params = {p.name for p in analysis.recipe.params}
+def check_sets(recipe, sets) -> None:
+    """Every `--set` (or API `params=`) names a param of the recipe."""
+    params = {p.name for p in recipe.params}
     for name, _ in sets:
         if name not in params:
             raise UsageError(f"--set {name}=…: the recipe has no param `{name}`"

@@ -120,11 +120,15 @@ class Diagnostic:
     labels: tuple[Label, ...] = ()
     help: str = ""
     notes: tuple[str, ...] = ()
-    severity: Severity | None = None  # None: the code's default severity
+    severity: Severity | None = None  # given as None: the code's default severity
+
+    def __post_init__(self) -> None:
+        if self.severity is None:
+            object.__setattr__(self, "severity", CODES[self.code].severity)
 
     @property
     def level(self) -> Severity:
-        return self.severity or CODES[self.code].severity
+        return self.severity
 
     @property
     def name(self) -> str:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from peftdsl import ir
-from peftdsl.check import Analysis, KindInference
+from peftdsl.check import KindInference
 from peftdsl.diagnostics import Sink
 from peftdsl.lower import describe_plan
+
+if TYPE_CHECKING:
+    from peftdsl.compiler import Analysis
 
 
 def explain(analysis: Analysis) -> str:
@@ -42,7 +47,7 @@ def explain(analysis: Analysis) -> str:
 
 def typed_tree(analysis: Analysis, expr: ir.Expr) -> list[str]:
     """The expression as a tree, each node with its kind: the typed IR."""
-    kinds = KindInference(analysis, Sink())
+    kinds = KindInference(analysis.recipe, analysis.kinds, Sink())
     lines: list[str] = []
 
     def visit(node: ir.Expr, prefix: str, last: bool, root: bool) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,12 +68,13 @@ class ModuleInfo:
 class AdapterInfo:
     name: str
     kind: ir.Kind
-    path: Path
-    weights: Path
+    path: Path | None  # the adapter's folder; None for a source given in memory
+    weights: Path | None  # its weights file; None for a source given in memory
     config: dict
-    modules: dict[str, ModuleInfo]
+    modules: Mapping[str, ModuleInfo]
     base_model: str | None
     task_type: str | None
+    state: Mapping | None = None  # the tensors of a source given in memory (the Python API)
 
     @property
     def rank(self) -> int | None:
@@ -236,15 +238,26 @@ def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> Adap
     if peft_type not in SUPPORTED_TYPES:
         raise InputError("I303", f"adapter `{name}` is a `{peft_type}` adapter; peftdsl composes LoRA and (IA)³",
                          "only LORA and IA3 adapters are linear in their parameters")
-    for flag, reason in _NONLINEAR_FLAGS.items():
-        if config.get(flag):
-            raise InputError("I303", f"adapter `{name}` uses `{flag}`: {reason}",
-                             "composing it would silently give a wrong result")
     weights = adapter_weights(name, folder, allow_pickle=allow_pickle)
     if weights.suffix == ".bin":
         tensors = read_pickled_shapes(weights)
     else:
         tensors, _ = read_safetensors_header(weights)
+    return describe_adapter(name, config, tensors, path=folder, weights=weights)
+
+
+def describe_adapter(name: str, config: dict, tensors: Mapping[str, TensorInfo], *, path: Path | None,
+                     weights: Path | None, state: Mapping | None = None) -> AdapterInfo:
+    """An adapter's metadata from its config and its tensors' names, dtypes and shapes: the one
+    description that files and in-memory sources share, so the checker sees both alike."""
+    peft_type = config.get("peft_type")
+    if peft_type not in SUPPORTED_TYPES:
+        raise InputError("I303", f"adapter `{name}` is a `{peft_type}` adapter; peftdsl composes LoRA and (IA)³",
+                         "only LORA and IA3 adapters are linear in their parameters")
+    for flag, reason in _NONLINEAR_FLAGS.items():
+        if config.get(flag):
+            raise InputError("I303", f"adapter `{name}` uses `{flag}`: {reason}",
+                             "composing it would silently give a wrong result")
     kind = SUPPORTED_TYPES[peft_type]
     modules = _lora_modules(name, config, tensors) if kind is ir.Kind.LORA else _ia3_modules(name, config, tensors)
     full = sorted(k for k in tensors if not _is_factor(k) and not k.endswith(".base_layer.weight"))
@@ -252,8 +265,9 @@ def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> Adap
         raise InputError("I303", f"adapter `{name}` saves full module weights (`{_strip(full[0], '')}`), which "
                          "replace the base's instead of adding to them",
                          "retrain without `modules_to_save`, or drop those tensors")
-    return AdapterInfo(name=name, kind=kind, path=folder, weights=weights, config=config, modules=modules,
-                       base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"))
+    return AdapterInfo(name=name, kind=kind, path=path, weights=weights, config=config, modules=modules,
+                       base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
+                       state=state)
 
 
 def adapter_weights(name: str, folder: Path, *, allow_pickle: bool = False) -> Path:
@@ -303,9 +317,14 @@ _TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16
 
 def read_pickled_shapes(path: Path) -> dict[str, TensorInfo]:
     """The `TensorInfo`s of a pickled state dict (a pickle has no header: it is loaded)."""
+    return state_tensor_infos(load_pickled(path))
+
+
+def state_tensor_infos(state: Mapping) -> dict[str, TensorInfo]:
+    """The `TensorInfo`s of a state dict in memory, as a safetensors header would give them."""
     return {key: TensorInfo(_TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."), str(t.dtype)),
                             tuple(t.shape), (0, 0))
-            for key, t in load_pickled(path).items()}
+            for key, t in state.items()}
 
 
 def _is_factor(key: str) -> bool:
@@ -418,23 +437,42 @@ def _ia3_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> dic
 # ---------------------------------------------------------------- base model
 
 
+def base_weight_files(folder: Path) -> list[Path]:
+    """The base's weight files in a fixed order: the one list that `lint`, `run` and merging read.
+
+    Safetensors is preferred (`model.safetensors.index.json`, else `model.safetensors`),
+    then a pickled checkpoint (`pytorch_model.bin.index.json`, else `pytorch_model.bin`);
+    an index's shards are its `weight_map`'s files, sorted. Whether a pickle may be
+    loaded is the caller's to decide (the files then end in `.bin`). Raises InputError:
+    I301 for a missing folder, I304 for no weights or a malformed index.
+    """
+    if path_kind(folder) != "dir":
+        raise InputError("I301", f"base model folder `{folder}` does not exist")
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if path_kind(folder / index) is not None:
+            weight_map = _read_json(folder / index, "I304").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map \
+                    or not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise InputError("I304", f"`{index}` of base model `{folder}` has no `weight_map` of tensor "
+                                 "names to files")
+            return [folder / shard for shard in sorted(set(weight_map.values()))]
+        if path_kind(folder / single) is not None:
+            return [folder / single]
+    raise InputError("I304", f"base model `{folder}` has no weight files",
+                     "expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
 def read_base(folder: Path) -> BaseInfo:
     if path_kind(folder) != "dir":
         raise InputError("I301", f"base model folder `{folder}` does not exist")
     config = _read_json(folder / "config.json", "I304")
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json(index, "I304").get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").exists():
-        shards = ["model.safetensors"]
-    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+    shards = base_weight_files(folder)
+    if shards[0].suffix == ".bin":
         return BaseInfo(folder, config, {}, {})  # pickled: shapes unknown until run --allow-pickle
-    else:
-        raise InputError("I304", f"base model `{folder}` has no safetensors weights")
     weights, files = {}, {}
     for shard in shards:
-        tensors, _ = read_safetensors_header(folder / shard)
+        tensors, _ = read_safetensors_header(shard)
         weights.update(tensors)
-        files.update(dict.fromkeys(tensors, folder / shard))
+        files.update(dict.fromkeys(tensors, shard))
     return BaseInfo(folder, config, weights, files)

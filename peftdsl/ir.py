@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftdsl.numbers import show_number
 from peftdsl.spans import Span
 
 
@@ -244,7 +245,7 @@ class Combination(Node):
 def leaf_text(leaf: Leaf) -> str:
     if isinstance(leaf, AdapterLeaf):
         return leaf.name
-    opts = "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={_num(v)}" for k, v in leaf.options)
+    opts = "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={show_number(v)}" for k, v in leaf.options)
     return f"{leaf.func}({combination_text(leaf.arg)}{opts})"
 
 
@@ -256,12 +257,8 @@ def combination_text(comb: Combination) -> str:
     for i, term in enumerate(comb.terms):
         sign = "-" if term.coef < 0 else "+"
         magnitude = abs(term.coef)
-        body = leaf_text(term.leaf) if magnitude == 1 else f"{_num(magnitude)}*{leaf_text(term.leaf)}"
+        body = leaf_text(term.leaf) if magnitude == 1 else f"{show_number(magnitude)}*{leaf_text(term.leaf)}"
         parts.append(("-" if sign == "-" else "") + body if i == 0 else f" {sign} {body}")
     return "".join(parts)
 
 
-def _num(value: object) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
-        return str(int(value))
-    return repr(value)

@@ -11,12 +11,19 @@ at run time still points into the recipe. No torch here: `explain` prints plans.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from peftdsl import ir
-from peftdsl.check import Analysis, op_leaves
+from peftdsl.check import op_leaves
 from peftdsl.inputs import ModuleInfo
+from peftdsl.numbers import show_bytes, show_flops
+from peftdsl.operators import OPERATORS, RankContext
 from peftdsl.spans import Span
+
+if TYPE_CHECKING:
+    from peftdsl.compiler import Analysis
 
 Kind = ir.Kind
 
@@ -99,11 +106,12 @@ def _spans(analysis: Analysis, name: str, form: ir.Combination) -> list[Span]:
     return spans
 
 
-# ---------------------------------------------------------------- estimates
+# ---------------------------------------------------------------- ranks
 
 
 def group_rank(comb: ir.Combination, group: Group) -> int | None:
-    """Rank of a LoRA-valued combination on a group's modules (None: dense)."""
+    """Rank of a LoRA-valued combination on a group's modules (None: dense); operators
+    answer by their registry row's rank rule."""
     ranks = dict(group.ranks)
     total = 0
     for term in comb.terms:
@@ -111,16 +119,45 @@ def group_rank(comb: ir.Combination, group: Group) -> int | None:
         if isinstance(leaf, ir.AdapterLeaf):
             total += ranks.get(leaf.name, 0)
             continue
-        if leaf.kind is Kind.DENSE:
+        context = RankContext(options=dict(leaf.options), inner=group_rank(leaf.arg, group),
+                              adapter_ranks=tuple(ranks[n] for n in adapter_leaves(leaf.arg) if n in ranks),
+                              out_features=group.out_features, in_features=group.in_features)
+        rank = OPERATORS[leaf.func].rank(context)
+        if rank is None:
             return None
-        inner = group_rank(leaf.arg, group)
-        if leaf.func == "svd":
-            limit = min(dict(leaf.options)["rank"], group.out_features, group.in_features)
-            total += limit if inner is None else min(limit, inner)
-        else:  # pem, peft_linear: the common rank of their inputs
-            present = [ranks[n] for n in adapter_leaves(leaf.arg) if n in ranks]
-            total += max(present, default=0)
+        total += rank
     return total
+
+
+# ---------------------------------------------------------------- costs
+#
+# The one memory model: the executor cuts groups into chunks with `working_bytes`,
+# `explain` prints `estimate`, and the resource guard of `run` adds up `planned_peak`.
+
+DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024  # the executor's working budget for one chunk
+
+
+def _is_dense(task: Task) -> bool:
+    return task.kind is Kind.DENSE or any(
+        isinstance(leaf, ir.OpLeaf) and leaf.kind is Kind.DENSE for leaf in _all_leaves(task.form))
+
+
+def _all_leaves(comb: ir.Combination):
+    for term in comb.terms:
+        yield term.leaf
+        if isinstance(term.leaf, ir.OpLeaf):
+            yield from _all_leaves(term.leaf.arg)
+
+
+def working_bytes(task: Task, group: Group) -> int:
+    """Bytes of float32 working memory one module of `group` needs while `task` computes it:
+    its inputs and intermediates, with a dense delta per term once anything is dense."""
+    out, inn = group.out_features, group.in_features
+    if task.kind is Kind.IA3:
+        return 2 * sum(out or inn for _ in group.ranks) * 4 + 1
+    if _is_dense(task):
+        return out * inn * 4 * (len(group.ranks) + 3)
+    return 4 * sum(r * (out + inn) for _, r in group.ranks) * 4 + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +165,7 @@ class Estimate:
     bytes_read: int
     bytes_written: int
     flops: int
-    peak_bytes: int
+    peak_bytes: int  # the largest group's working memory (before cutting it into chunks)
     ranks: tuple[int, ...]  # distinct output ranks (lora) — empty for dense/ia3
 
 
@@ -137,25 +174,42 @@ def estimate(analysis: Analysis, task: Task, out_bytes: int = 4) -> Estimate:
     ranks: set[int] = set()
     for group in task.groups:
         g, out, inn = len(group.modules), group.out_features, group.in_features
-        group_read = sum(r * (out + inn) if r else (out or inn) for _, r in group.ranks) * 4 * g
-        read += group_read
+        read += sum(r * (out + inn) if r else (out or inn) for _, r in group.ranks) * 4 * g
+        peak = max(peak, working_bytes(task, group) * g)
         if task.kind is Kind.IA3:
             written += (out or inn) * out_bytes * g
-            peak = max(peak, 2 * group_read)
             continue
         rank = group_rank(task.form, group)
+        big_r = sum(r for _, r in group.ranks)
         if rank is None:  # dense
-            n = len(group.ranks) + 2
             written += out * inn * out_bytes * g
-            flops += g * (n * out * inn * sum(r for _, r in group.ranks) * 2 + 4 * out * inn * min(out, inn))
-            peak = max(peak, n * out * inn * 4 * g)
+            flops += g * ((len(group.ranks) + 2) * out * inn * big_r * 2 + 4 * out * inn * min(out, inn))
         else:
             ranks.add(rank)
-            big_r = sum(r for _, r in group.ranks)
             written += rank * (out + inn) * out_bytes * g
             flops += g * (4 * (out + inn) * big_r * big_r + 10 * big_r**3)
-            peak = max(peak, 3 * group_read + 3 * big_r * (out + inn) * 4 * g)
     return Estimate(read, written, flops, peak, tuple(sorted(ranks)))
+
+
+def planned_peak(analysis: Analysis, *, streamed: Iterable[str], held: Iterable[str],
+                 with_base: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, str]:
+    """Peak bytes a run needs, and the composition that needs them (DESIGN §6 on streaming).
+
+    The executor holds one chunk at a time (at most its budget). A `streamed` task (a LoRA
+    adapter output, written a chunk at a time) holds nothing more; a `held` one (merged and
+    (IA)³ outputs, evaluated models) also holds its float32 results; evaluation holds the base.
+    """
+    streamed, held = list(streamed), list(held)
+    base_bytes = 0
+    if with_base and analysis.base is not None:
+        base_bytes = sum(t.offsets[1] - t.offsets[0] for t in analysis.base.weights.values())
+    peak, worst = 0, ""
+    for name in dict.fromkeys([*streamed, *held]):
+        est = estimate(analysis, lower(analysis, name))
+        need = min(est.peak_bytes, chunk_bytes) + (est.bytes_written if name in held else 0)
+        if need > peak:
+            peak, worst = need, name
+    return peak + base_bytes, worst
 
 
 def describe_plan(analysis: Analysis) -> list[str]:
@@ -172,8 +226,8 @@ def describe_plan(analysis: Analysis) -> list[str]:
         rank_text = "dense" if task.kind is Kind.DENSE else (
             "(IA)³" if task.kind is Kind.IA3 else "rank " + "/".join(map(str, est.ranks)))
         lines.append(f"  {name}: {task.kind}, {task.modules} modules in {len(task.groups)} groups, {rank_text}")
-        lines.append(f"    read {_bytes(est.bytes_read)}, write {_bytes(est.bytes_written)}, "
-                     f"~{_flops(est.flops)}, peak ~{_bytes(est.peak_bytes)}")
+        lines.append(f"    read {show_bytes(est.bytes_read)}, write {show_bytes(est.bytes_written)}, "
+                     f"~{show_flops(est.flops)}, peak ~{show_bytes(est.peak_bytes)}")
         for group in task.groups:
             rank = group_rank(task.form, group) if task.kind is not Kind.IA3 else None
             shape = f"{group.out_features}×{group.in_features}" if task.kind is not Kind.IA3 else (
@@ -183,18 +237,3 @@ def describe_plan(analysis: Analysis) -> list[str]:
             lines.append(f"    group ×{len(group.modules):<3} {shape:<12} {group.layout:<9} {contributors}{result}"
                          f"  e.g. {group.modules[0]}")
     return lines
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _flops(n: int) -> str:
-    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} FLOP"

@@ -50,6 +50,20 @@ class Span:
     def text(self) -> str:
         return self.source.text[self.start : self.end]
 
+    @property
+    def line(self) -> int:
+        """1-based line of the span's start."""
+        return self.source.line_col(self.start)[0]
+
+    @property
+    def column(self) -> int:
+        """1-based column (in characters) of the span's start."""
+        return self.source.line_col(self.start)[1]
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
     def to(self, other: Span) -> Span:
         """The smallest span covering both `self` and `other`."""
         return Span(self.source, min(self.start, other.start), max(self.end, other.end))

@@ -19,6 +19,12 @@ import pytest
 
 BASE_NAME = "tiny-llama"
 
+# Every canonical form any test makes is checked against the canonical-form invariants
+# as it is made (peftdsl.canonical.invariant_violations): a violation fails that test.
+import peftdsl.canonical  # noqa: E402
+
+peftdsl.canonical.CHECK_INVARIANTS = True
+
 
 def build_fixtures(folder: Path) -> None:
     """Tiny adapters (good and broken) and a base model, built offline in a few seconds."""

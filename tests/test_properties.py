@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from peftdsl import ir
-from peftdsl.build import FUNCTIONS, build_recipe
-from peftdsl.check import Analysis
+from peftdsl.build import build_recipe
+from peftdsl.operators import OPERATORS
+from peftdsl.compiler import Analysis
 from peftdsl.compiler import Options, analyse
 from peftdsl.diagnostics import CODES, Diagnostic, Sink
 from peftdsl.parse import parse_expression
@@ -35,7 +36,7 @@ NOWHERE = Span(SourceFile(Path("<generated>"), ""), 0, 0)
 
 # ---------------------------------------------------------------- expressions
 
-names = st.sampled_from(["a", "b", "chat", "toxic", "_x", "lam", "mu2", "sst2"]).filter(lambda n: n not in FUNCTIONS)
+names = st.sampled_from(["a", "b", "chat", "toxic", "_x", "lam", "mu2", "sst2"]).filter(lambda n: n not in OPERATORS)
 numbers = st.one_of(
     st.integers(min_value=0, max_value=10**6).map(float),
     st.floats(min_value=0, max_value=1e20, allow_nan=False, allow_infinity=False),

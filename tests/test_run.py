@@ -590,9 +590,9 @@ def test_batched_and_module_by_module_execution_agree(lab: Path, expression: str
     analysis = analyse(recipe, Sink())
     task = lower(analysis, "x")
     assert max(len(g.modules) for g in task.groups) > 1  # there is something to batch
-    with Executor(analysis, device=torch.device("cpu"), seed=3) as batched:
+    with Executor(analysis.adapters, device=torch.device("cpu"), seed=3) as batched:
         fused = batched.run(task)
-    with Executor(analysis, device=torch.device("cpu"), seed=3, chunk_bytes=1) as one_by_one:
+    with Executor(analysis.adapters, device=torch.device("cpu"), seed=3, chunk_bytes=1) as one_by_one:
         unfused = one_by_one.run(task)
     assert fused.keys() == unfused.keys()
     for module, delta in fused.items():
@@ -621,7 +621,7 @@ outputs:
 """, name="dense_merge.yaml")
     assert run(recipe) == 0
     analysis = analyse(recipe, Sink())
-    with Executor(analysis, device=torch.device("cpu"), seed=0) as executor:
+    with Executor(analysis.adapters, device=torch.device("cpu"), seed=0) as executor:
         deltas = executor.run(lower(analysis, "t"))
     base = AutoModelForCausalLM.from_pretrained(lab / "base").state_dict()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()

@@ -11,11 +11,9 @@ rounding to bfloat16), so a long sweep would drift. Each touched parameter gets
 a freshly computed tensor, and on exit the original tensor object is put back:
 the restoration is bit-exact and costs no arithmetic.
 
-Deltas are in the factor frame of ``docs/conventions.md``; the layout maps them
-onto the weight as PEFT's merge does (``W += s·B·A``, transposed for ``conv1d``
-and ``embedding``; (IA)³ multiplies the weight, and the bias of a
-non-feed-forward module, by ``l``). The arithmetic runs in float32 (float64
-weights stay float64) and the result is rounded once to the weight's dtype.
+The patched values come from ``peftdsl.runtime.fold``, the arithmetic that merged
+checkpoints use too (PEFT's merge, in float32, rounded once to the weight's
+dtype). The delta types live there and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,47 +21,27 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING
+
+from peftdsl.runtime.fold import (
+    LAYOUTS,
+    Delta,
+    DenseDelta,
+    IA3Delta,
+    Layout,
+    LoraDelta,
+    fold_bias,
+    fold_weight,
+)
 
 if TYPE_CHECKING:  # torch is only needed when a delta is actually applied
     import torch
 
-Layout = Literal["linear", "conv1d", "embedding"]
-LAYOUTS: tuple[str, ...] = ("linear", "conv1d", "embedding")
+__all__ = ["LAYOUTS", "Delta", "DenseDelta", "IA3Delta", "Layout", "LoraDelta", "TiedWeightWarning", "applied"]
 
 
 class TiedWeightWarning(UserWarning):
     """A patched weight is shared (tied embeddings); `peftdsl run` reports this as I313 instead."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LoraDelta:
-    """Low-rank factors with the scaling already folded in: ΔW = B·A (out×in)."""
-
-    A: torch.Tensor  # r × in
-    B: torch.Tensor  # out × r
-    layout: Layout = "linear"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DenseDelta:
-    """A full delta in the factor frame (out×in), as ``ties``/``dare`` produce."""
-
-    delta: torch.Tensor
-    layout: Layout = "linear"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IA3Delta:
-    """An (IA)³ vector: (out, 1) scales outputs, (1, in) scales inputs (feed-forward)."""
-
-    l: torch.Tensor  # noqa: E741 — the paper's and PEFT's name
-    feedforward: bool
-    layout: Layout = "linear"
-
-
-Delta = Union[LoraDelta, DenseDelta, IA3Delta]
 
 
 @contextmanager
@@ -102,8 +80,6 @@ def _patch_for(
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
         raise ValueError(f"module `{name}` has no 2-D weight to patch")
-    if delta.layout not in LAYOUTS:
-        raise ValueError(f"module `{name}`: unknown layout `{delta.layout}`")
     if id(weight) in shared:
         warnings.warn(
             f"the weight of `{name}` is shared with another module (tied weights); "
@@ -111,71 +87,11 @@ def _patch_for(
             TiedWeightWarning,
             stacklevel=4,
         )
-    if isinstance(delta, IA3Delta):
-        return _ia3_patch(module, name, delta)
-    return [(weight, _added(weight, _weight_frame_delta(name, delta, weight)))]
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float32 at least, so bfloat16/float16 weights are patched with one rounding."""
-    import torch
-
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def _weight_frame_delta(name: str, delta: LoraDelta | DenseDelta, weight: torch.Tensor) -> torch.Tensor:
-    """ΔW in the weight's own layout (transposed for conv1d and embedding), on its device."""
-    dtype, device = _compute_dtype(weight), weight.device
-    if isinstance(delta, LoraDelta):
-        A = delta.A.to(device=device, dtype=dtype)
-        B = delta.B.to(device=device, dtype=dtype)
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(f"module `{name}`: LoRA factors of shapes {tuple(A.shape)} and {tuple(B.shape)} do not chain")
-        frame = B @ A
-    else:
-        frame = delta.delta.to(device=device, dtype=dtype)
-    oriented = frame if delta.layout == "linear" else frame.T
-    if oriented.shape != weight.shape:
-        raise ValueError(
-            f"module `{name}`: a {delta.layout} delta of shape {tuple(frame.shape)} "
-            f"does not fit its weight of shape {tuple(weight.shape)}"
-        )
-    return oriented
-
-
-def _added(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """A new tensor W + ΔW, summed in float32 and rounded once to W's dtype."""
-    return (weight.detach().to(delta.dtype) + delta).to(weight.dtype)
-
-
-def _ia3_patch(module: torch.nn.Module, name: str, delta: IA3Delta) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """PEFT's (IA)³ merge: W·l (l transposed for conv1d), and bias·l unless feed-forward."""
-    weight = module.weight
-    if delta.layout == "embedding":
-        raise ValueError(f"module `{name}`: (IA)³ does not apply to embeddings")
-    dtype = _compute_dtype(weight)
-    vector = delta.l.to(device=weight.device, dtype=dtype)
-    expected = (1, _in_features(weight, delta.layout)) if delta.feedforward else (_out_features(weight, delta.layout), 1)
-    if tuple(vector.shape) != expected:
-        raise ValueError(
-            f"module `{name}`: (IA)³ vector of shape {tuple(vector.shape)}, expected {expected} "
-            f"({'feed-forward' if delta.feedforward else 'output'} scaling)"
-        )
-    oriented = vector if delta.layout == "linear" else vector.T
-    patches = [(weight, (weight.detach().to(dtype) * oriented).to(weight.dtype))]
+    patches = [(weight, fold_weight(weight, delta, name=name))]
     bias = getattr(module, "bias", None)
-    if bias is not None and not delta.feedforward:
-        scale = vector.reshape(bias.shape)
-        patches.append((bias, (bias.detach().to(dtype) * scale).to(bias.dtype)))
+    if bias is not None and (new_bias := fold_bias(bias, delta, name=name)) is not None:
+        patches.append((bias, new_bias))
     return patches
-
-
-def _out_features(weight: torch.Tensor, layout: str) -> int:
-    return weight.shape[0] if layout == "linear" else weight.shape[1]
-
-
-def _in_features(weight: torch.Tensor, layout: str) -> int:
-    return weight.shape[1] if layout == "linear" else weight.shape[0]
 
 
 def _shared_parameters(model: torch.nn.Module) -> set[int]:

@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftdsl.errors import EvalDataError
 from peftdsl.evaluation.apply import Delta, applied
+from peftdsl.progress import progress
 
 if TYPE_CHECKING:
     import torch
@@ -56,10 +56,6 @@ if TYPE_CHECKING:
     from peftdsl.evaluation.report import Result
 
 METRICS: tuple[str, ...] = ("perplexity", "accuracy", "generate")
-
-
-class EvalDataError(ValueError):
-    """The evaluation data is unusable (missing field, unknown label, …): a user error."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,30 +146,6 @@ def _field(row: dict, name: str, path: Path, line: int, kind: type | tuple[type,
     return value
 
 
-# ------------------------------------------------------------------ progress bars
-
-
-@contextmanager
-def _progress(description: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (nothing when quiet or not a terminal); yields an ``advance(n)``."""
-    if quiet or not sys.stderr.isatty():  # logs and CI get the table, not bar redraws
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
-
-
 # ----------------------------------------------------------------------- scoring
 
 
@@ -217,7 +189,7 @@ def score_continuations(
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(items)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with _progress(description, len(items), quiet) as advance, torch.inference_mode():
+    with progress(description, len(items), quiet=quiet) as advance, torch.inference_mode():
         for batch in batches:
             for index, score in zip(batch, _score_batch(model, [items[i] for i in batch], pad_id, device)):
                 scores[index] = score
@@ -439,7 +411,7 @@ def generate(
     pad_id = _pad_id(tokenizer)
     forked = [device.index or 0] if device.type == "cuda" else []
     outputs = []
-    with _progress("generate", len(prompts), quiet) as advance, torch.inference_mode():
+    with progress("generate", len(prompts), quiet=quiet) as advance, torch.inference_mode():
         for index, prompt in enumerate(prompts):
             ids = tokenizer(prompt)["input_ids"]
             if limit is not None:

@@ -14,8 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftdsl import canonical
 from peftdsl.diagnostics import Sink
+from peftdsl.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,6 @@ class PointJob:
     threads: int = 0  # torch CPU threads: the same count as the driver gives the same bytes
 
 
-class RayMissing(Exception):
-    pass
-
-
 @functools.lru_cache(maxsize=2)
 def _base_model(path: str, device: str, dtype: str | None):
     from peftdsl.evaluation.evaluate import load_base
@@ -46,8 +42,8 @@ def eval_dtype(evals) -> str | None:
     return next((dict(t.options).get("dtype") for t in evals if dict(t.options).get("dtype")), None)
 
 
-def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dict | None = None) -> list:
-    """Compositions at `job.params`, then every eval entry on them; report rows.
+def evaluate_point(analysis, job: PointJob, compute_deltas, cache: dict | None = None) -> list:
+    """Every eval entry on the compositions of `analysis` (the recipe at `job.params`); report rows.
 
     `cache` maps (eval, canonical form) to a value: a model whose canonical form does
     not change across grid points (`base`, a plain adapter, a composition that uses
@@ -55,12 +51,11 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
     """
     from peftdsl.evaluation.apply import TiedWeightWarning
     from peftdsl.evaluation.evaluate import EvalSpec, evaluate_models
-    from peftdsl.outputs.merge import base_weight_files
     from peftdsl.evaluation.report import Result
+    from peftdsl.outputs.merge import base_weight_files
 
     recipe = analysis.recipe
     cache = {} if cache is None else cache
-    canonical.canonicalise(analysis, Sink(), dict(job.params))
     specs = [EvalSpec(name=t.name, metric=t.metric, data=t.data, models=t.models, seed=recipe.seed,
                       **{k: v for k, v in t.options if k != "dtype"}) for t in recipe.evals]
     form = {m: analysis.canonical.get(m, m) for spec in specs for m in spec.models}
@@ -81,8 +76,12 @@ def evaluate_point(analysis, executor, job: PointJob, compute_deltas, cache: dic
                    params=dict(job.point)) for spec in specs for m in spec.models]
 
 
-def _remote_point(job: PointJob) -> list[dict]:
-    """A Ray task: rebuild the front end from the recipe file, evaluate one point."""
+def _remote_point(job: PointJob) -> list:
+    """A Ray task: rebuild the front end from the recipe file, evaluate one point.
+
+    Rows come back as `Result` objects (Ray pickles them), not JSON: JSON has no
+    infinity, and an infinite perplexity is a legitimate value to select on.
+    """
     from peftdsl.compiler import Options, analyse
     from peftdsl.runtime.execute import Executor
     from peftdsl.lower import lower
@@ -96,9 +95,8 @@ def _remote_point(job: PointJob) -> list[dict]:
 
     if job.threads:  # Ray starts workers with one thread; reductions in another order differ in the last bit
         torch.set_num_threads(job.threads)
-    with Executor(analysis, device=torch.device(job.device), seed=analysis.recipe.seed) as executor:
-        rows = evaluate_point(analysis, executor, job, lambda name: executor.run(lower(analysis, name)))
-    return [row.to_json() for row in rows]
+    with Executor(analysis.adapters, device=torch.device(job.device), seed=analysis.recipe.seed) as executor:
+        return evaluate_point(analysis, job, lambda name: executor.run(lower(analysis, name)))
 
 
 def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
@@ -106,8 +104,7 @@ def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
     try:
         import ray
     except ImportError as err:
-        raise RayMissing("--executor ray needs Ray: pip install 'peftdsl[ray]'") from err
-    from peftdsl.evaluation.report import Result
+        raise UsageError("--executor ray needs Ray: pip install 'peftdsl[ray]'") from err
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -115,7 +112,6 @@ def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
     import torch
 
     threads = torch.get_num_threads()
-    jobs = [PointJob(**{**job.__dict__, "device": "cuda" if gpus else "cpu", "threads": threads}) for job in jobs]
+    jobs = [dataclasses.replace(job, device="cuda" if gpus else "cpu", threads=threads) for job in jobs]
     task = ray.remote(num_gpus=gpus, max_retries=0)(_remote_point)
-    rows = ray.get([task.remote(job) for job in jobs])
-    return [Result(**{**row, "value": row["value"]}) for batch in rows for row in batch]
+    return [row for batch in ray.get([task.remote(job) for job in jobs]) for row in batch]

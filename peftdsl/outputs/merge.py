@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 
+from peftdsl import inputs
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
-from peftdsl.inputs import read_safetensors_header
+from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
+from peftdsl.runtime.fold import Delta, DenseDelta, changes_bias, fold_bias, fold_weight
 from peftdsl.runtime.tensorio import (
     TORCH_DTYPES,
     SafetensorsReader,
     StreamingSafetensors,
     as_dtype,
 )
-from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
 
 Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
@@ -48,61 +49,9 @@ class PickledWeights(RuntimeError):
 # =========================================================================== merge transforms
 
 
-def _factor_frame_to_weight(delta: torch.Tensor, layout: str) -> torch.Tensor:
-    """Map an out×in delta onto the weight: conv1d and embedding store it transposed."""
-    if layout == "linear":
-        return delta
-    if layout in ("conv1d", "embedding"):
-        return delta.T
-    raise ValueError(f"unknown layout {layout!r}")
-
-
 def add_dense_delta(W: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.Tensor:
-    """``W + ΔW`` with ΔW given in the factor frame (out×in), in float32."""
-    weight_delta = _factor_frame_to_weight(delta.to(torch.float32), layout)
-    if weight_delta.shape != W.shape:
-        raise ValueError(f"delta of shape {tuple(weight_delta.shape)} does not fit weight {tuple(W.shape)}")
-    return W.to(torch.float32) + weight_delta
-
-
-def add_lora_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, layout: str) -> torch.Tensor:
-    """``W + B·A`` (scaling folded into B), as PEFT's LoRA merge does, in one ``addmm``.
-
-    conv1d and embedding weights hold the delta transposed: ``W + Aᵀ·Bᵀ``.
-    """
-    W, A, B = W.to(torch.float32), A.to(torch.float32), B.to(torch.float32)
-    left, right = (B, A) if layout == "linear" else (A.T, B.T)
-    if (left.shape[0], right.shape[1]) != tuple(W.shape):
-        raise ValueError(f"delta of shape {(left.shape[0], right.shape[1])} does not fit weight {tuple(W.shape)}")
-    return torch.addmm(W, left, right)
-
-
-def scale_ia3(
-    W: torch.Tensor, l: torch.Tensor, feedforward: bool, layout: str = "linear"  # noqa: E741
-) -> torch.Tensor:
-    """PEFT's (IA)³ merge of a weight: ``W * l``, with l transposed for conv1d (``fan_in_fan_out``).
-
-    l is (out, 1) for an ordinary module and (1, in) for a feed-forward one, in
-    the linear frame; in a Conv1D weight (in×out) the same vector is transposed.
-    """
-    if layout not in ("linear", "conv1d"):
-        raise ValueError(f"(IA)³ does not apply to layout {layout!r}")
-    out_features, in_features = W.shape if layout == "linear" else W.shape[::-1]
-    expected = (1, in_features) if feedforward else (out_features, 1)
-    if tuple(l.shape) != expected:
-        kind = "feed-forward" if feedforward else "output"
-        raise ValueError(
-            f"(IA)³ vector of shape {tuple(l.shape)} does not fit weight {tuple(W.shape)} ({kind} scaling)"
-        )
-    vector = l.to(torch.float32)
-    return W.to(torch.float32) * (vector.T if layout == "conv1d" else vector)
-
-
-def scale_ia3_bias(bias: torch.Tensor, l: torch.Tensor, feedforward: bool) -> torch.Tensor | None:  # noqa: E741
-    """PEFT scales an ordinary module's bias by l too (its output scaling); None when feed-forward."""
-    if feedforward:
-        return None
-    return bias.to(torch.float32) * l.to(torch.float32).reshape(bias.shape)
+    """``W + ΔW`` with ΔW given in the factor frame (out×in), in float32 (:func:`fold_weight`)."""
+    return fold_weight(W.to(torch.float32), DenseDelta(delta=delta, layout=layout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,38 +75,23 @@ class MergeTransform:
         return None if function is None else function(tensor)
 
 
-def merge_transform(deltas: Mapping[str, Any], *, dense: bool = False) -> MergeTransform:
-    """One transform for a whole mapping module → LoRA, dense or (IA)³ delta.
+def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False) -> MergeTransform:
+    """One transform for a whole mapping module → LoRA, dense or (IA)³ delta (``peftdsl.runtime.fold``).
 
-    The kind is read from the object's attributes: ``B`` (LoRA), ``delta``
-    (dense) or ``l`` ((IA)³). (IA)³ also maps the module's bias, as PEFT does.
-    With ``dense=True`` every delta is dense and is looked up only when the writer
-    reaches its weight, so a lazy mapping can compute each just in time.
+    (IA)³ also maps the module's bias, as PEFT does. With ``dense=True`` every
+    delta is dense and is looked up only when the writer reaches its weight, so a
+    lazy mapping can compute each just in time.
     """
     if dense:
-        return MergeTransform({f"{name}.weight": (lambda W, n=name: _add_dense(W, deltas[n])) for name in sorted(deltas)})
+        return MergeTransform({f"{name}.weight": (lambda W, n=name: fold_weight(W, deltas[n], name=n))
+                               for name in sorted(deltas)})
     functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for name in sorted(deltas):
-        functions.update(_module_functions(name, deltas[name]))
+        delta = deltas[name]
+        functions[f"{name}.weight"] = lambda W, n=name, d=delta: fold_weight(W, d, name=n)
+        if changes_bias(delta):
+            functions[f"{name}.bias"] = lambda b, n=name, d=delta: fold_bias(b, d, name=n)
     return MergeTransform(functions)
-
-
-def _add_dense(W: torch.Tensor, delta: Any) -> torch.Tensor:
-    return add_dense_delta(W, delta.delta, delta.layout)
-
-
-def _module_functions(name: str, delta: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    weight = f"{name}.weight"
-    if hasattr(delta, "B"):
-        return {weight: lambda W, d=delta: add_lora_delta(W, d.A, d.B, d.layout)}
-    if hasattr(delta, "delta"):
-        return {weight: lambda W, d=delta: add_dense_delta(W, d.delta, d.layout)}
-    if hasattr(delta, "l"):
-        functions = {weight: lambda W, d=delta: scale_ia3(W, d.l, d.feedforward, d.layout)}
-        if not delta.feedforward:
-            functions[f"{name}.bias"] = lambda b, d=delta: scale_ia3_bias(b, d.l, False)
-        return functions
-    raise TypeError(f"module `{name}`: not a LoRA, dense or (IA)³ delta: {type(delta).__name__}")
 
 
 # =========================================================================== merged models
@@ -200,53 +134,38 @@ class TensorEntry:
 
 
 def base_weight_files(base_dir: Path, *, allow_pickle: bool = False) -> list[Path]:
-    """The base's weight files in a fixed order; pickled ones only when allowed.
+    """The base's weight files (:func:`peftdsl.inputs.base_weight_files`); pickled ones only when allowed.
 
-    Safetensors is preferred when both exist. Raises :class:`PickledWeights` for a
-    ``pytorch_model.bin`` checkpoint unless ``allow_pickle``.
+    Raises :class:`PickledWeights` for a ``pytorch_model.bin`` checkpoint unless
+    ``allow_pickle``, and OSError for a base whose weights cannot be listed.
     """
-    base_dir = Path(base_dir)
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
-        files = _listed_files(base_dir, single, index)
-        if not files:
-            continue
-        if single.endswith(".bin") and not allow_pickle:
-            raise PickledWeights(files[0])
-        return files
-    raise FileNotFoundError(f"{base_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-def _listed_files(base_dir: Path, single: str, index: str) -> list[Path]:
-    if (base_dir / index).is_file():
-        weight_map = json.loads((base_dir / index).read_text())["weight_map"]
-        return [base_dir / name for name in sorted(set(weight_map.values()))]
-    if (base_dir / single).is_file():
-        return [base_dir / single]
-    return []
+    try:
+        files = inputs.base_weight_files(Path(base_dir))
+    except inputs.InputError as err:
+        raise (FileNotFoundError if err.code == "I301" else OSError)(err.message) from err
+    if files[0].suffix == ".bin" and not allow_pickle:
+        raise PickledWeights(files[0])
+    return files
 
 
 def _read_entries(source: Path) -> list[TensorEntry]:
     """The tensors of one file, from its header only (safetensors) or a lazy mmap (pickle)."""
     if source.suffix == ".safetensors":
-        tensors, _ = read_safetensors_header(source)  # validated: offsets and sizes fit the file
+        tensors, _ = inputs.read_safetensors_header(source)  # validated: offsets and sizes fit the file
         return [TensorEntry(name, source, info.shape, TORCH_DTYPES[info.dtype]) for name, info in sorted(tensors.items())]
     state = _load_pickle(source)
     return [TensorEntry(name, source, tuple(t.shape), t.dtype) for name, t in sorted(state.items())]
 
 
 def _load_pickle(source: Path) -> dict[str, torch.Tensor]:
-    """Only called once the user allowed pickle; ``weights_only`` still refuses code objects.
+    """Only called once the user allowed pickle: :func:`peftdsl.inputs.load_pickled` (weights_only, mmap).
 
-    ``mmap`` keeps a shard's data on disk until a tensor is touched; checkpoints
-    in the legacy (pre-zip) format cannot be mapped and are read whole.
+    Its refusal (InputError) becomes a ValueError, which the merge's callers report.
     """
     try:
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return inputs.load_pickled(source)
+    except inputs.InputError as err:
+        raise ValueError(err.message) from err
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """Stage 8: execute a lowered task, a group of modules at a time, on CPU or CUDA.
 
 For each group the canonical form is evaluated bottom-up: adapter leaves are read
-lazily from safetensors (only this group's tensors), function leaves run their
-batched kernel, sums run `exact_sum` (or a dense sum once a dense term appears).
+lazily from safetensors (only this group's tensors), operator leaves get their
+argument prepared as their registry row says and run the row's kernel
+(`peftdsl.runtime.ops`), sums run `exact_sum` (or a dense sum once a dense term appears).
 Large groups are cut into chunks under a memory budget, so peak memory is about
 one chunk, not a whole model. Results come back per module, on the CPU, in float32.
 """
@@ -10,63 +11,50 @@ one chunk, not a whole model. Results come back per module, on the CPU, in float
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-
+from collections.abc import Iterator, Mapping
 import torch
 from safetensors import SafetensorError
 
 from peftdsl import ir
-from peftdsl.runtime import kernels
-from peftdsl.evaluation.apply import DenseDelta, IA3Delta, LoraDelta
-from peftdsl.check import Analysis
-from peftdsl.lower import Group, Task
+from peftdsl.errors import InputDataError, InternalError, UsageError
+from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta
+from peftdsl.inputs import AdapterInfo
+from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, working_bytes
+from peftdsl.operators import OPERATORS, Argument
+from peftdsl.runtime import kernels, ops
 from peftdsl.runtime.tensorio import SafetensorsReader
+from peftdsl.runtime.values import Dense, Ia3, Lora, Value, dense_of, folded_B
 
 Kind = ir.Kind
-DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024
 
 
-@dataclass
-class Lora:
-    A: torch.Tensor  # [g, r, in]
-    B: torch.Tensor  # [g, out, r]
-    scale: object = 1.0  # float or Tensor[g]
-
-
-@dataclass
-class Dense:
-    delta: torch.Tensor  # [g, out, in]
-
-
-@dataclass
-class Ia3:
-    l: torch.Tensor  # noqa: E741  [g, ...]
-
-
-Value = Lora | Dense | Ia3
-
-
-class InputDataError(ValueError):
-    """An input's tensor data is unusable (undecodable, NaN, Inf): a user error, not a bug."""
-
-
-def pick_device(choice: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; `cuda[:N]` must exist."""
-    if choice == "auto":
+def pick_device(choice: str | torch.device | None) -> torch.device:
+    """`auto` (or None) is CUDA when present, else CPU; `cuda[:N]` must exist."""
+    if choice is None or choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device must be auto, cpu or cuda[:N], not {choice!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {choice}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda[:N], not {choice!r}")
     return device
 
 
 class Executor:
-    """Evaluates tasks; keeps the adapters' safetensors files open for lazy reads."""
+    """Evaluates tasks; keeps the adapters' safetensors files open for lazy reads.
 
-    def __init__(self, analysis: Analysis, *, device: torch.device, seed: int,
+    It needs the adapters' metadata only: the forms to compute come with each task,
+    so one executor serves every sweep point of a run.
+    """
+
+    def __init__(self, adapters: Mapping[str, AdapterInfo], *, device: torch.device, seed: int,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        self.analysis, self.device, self.seed = analysis, device, seed
+        self.adapters, self.device, self.seed = adapters, device, seed
         self.chunk_bytes = chunk_bytes
         self._stack = contextlib.ExitStack()
         self._files: dict[str, object] = {}
@@ -79,8 +67,11 @@ class Executor:
 
     def _file(self, adapter: str):
         if adapter not in self._files:
-            path = self.analysis.adapters[adapter].weights
-            if path.suffix == ".bin":  # the front end accepted it: `run --allow-pickle`
+            info = self.adapters[adapter]
+            path = info.weights
+            if info.state is not None:  # given in memory (the Python API)
+                self._files[adapter] = _InMemoryFile(info.state)
+            elif path.suffix == ".bin":  # the front end accepted it: `run --allow-pickle`
                 self._files[adapter] = _PickledFile(path)
             else:
                 self._files[adapter] = self._stack.enter_context(SafetensorsReader(path))
@@ -116,7 +107,7 @@ class Executor:
         return _split(value, chunk)
 
     def _chunks(self, task: Task, group: Group) -> list[Group]:
-        per_module = _bytes_per_module(task, group)
+        per_module = working_bytes(task, group)
         size = max(1, self.chunk_bytes // max(per_module, 1))
         mods = group.modules
         return [Group(mods[i:i + size], group.out_features, group.in_features, group.layout,
@@ -137,7 +128,7 @@ class Executor:
         return stacked.to(self.device, torch.float32)
 
     def read_lora(self, adapter: str, group: Group) -> Lora:
-        infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
+        infos = [self.adapters[adapter].modules[m] for m in group.modules]
         A = self._read_stack(adapter, [info.keys[0] for info in infos])
         B = self._read_stack(adapter, [info.keys[1] for info in infos])
         scales = [info.scaling for info in infos]
@@ -145,23 +136,30 @@ class Executor:
         return Lora(A, B, scale)
 
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
-        infos = [self.analysis.adapters[adapter].modules[m] for m in group.modules]
+        infos = [self.adapters[adapter].modules[m] for m in group.modules]
         return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
 
 
-class _PickledFile:
-    """The reader interface over a pickled state dict, loaded with `weights_only=True`."""
+class _InMemoryFile:
+    """The reader interface over a state dict held in memory."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self._state = state
+
+    def read_stacked(self, keys: list[str]) -> torch.Tensor:
+        return torch.stack([self._state[key].detach() for key in keys])
+
+
+class _PickledFile(_InMemoryFile):
+    """A pickled state dict, loaded with `weights_only=True` (`run --allow-pickle`)."""
 
     def __init__(self, path):
         from peftdsl.inputs import InputError, load_pickled
 
         try:
-            self._state = load_pickled(path)
+            super().__init__(load_pickled(path))
         except InputError as err:
             raise InputDataError(err.message) from err
-
-    def read_stacked(self, keys: list[str]) -> torch.Tensor:
-        return torch.stack([self._state[key] for key in keys])
 
 
 def _check_finite(value: Value | None, group: Group) -> None:
@@ -192,24 +190,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _bytes_per_module(task: Task, group: Group) -> int:
-    out, inn = group.out_features, group.in_features
-    factors = sum(r * (out + inn) for _, r in group.ranks) * 4
-    dense = out * inn * 4 * (len(group.ranks) + 3)
-    has_dense = any(isinstance(l, ir.OpLeaf) and l.kind is Kind.DENSE
-                    for l in _all_leaves(task.form)) or task.kind is Kind.DENSE
-    return dense if has_dense else 4 * factors + 1
-
-
-def _all_leaves(comb: ir.Combination):
-    for term in comb.terms:
-        yield term.leaf
-        if isinstance(term.leaf, ir.OpLeaf):
-            yield from _all_leaves(term.leaf.arg)
-
-
 class _Evaluation:
-    """The canonical form on one chunk; each function leaf is computed once (shared)."""
+    """The canonical form on one chunk; each operator leaf is computed once (shared)."""
 
     def __init__(self, executor: Executor, group: Group):
         self.executor, self.group = executor, group
@@ -225,10 +207,10 @@ class _Evaluation:
         if isinstance(leaf, ir.AdapterLeaf):
             if leaf.name not in self.present:
                 return None  # this adapter does not target these modules: it contributes nothing
-            kind = self.executor.analysis.adapters[leaf.name].kind
+            kind = self.executor.adapters[leaf.name].kind
             reader = self.executor.read_lora if kind is Kind.LORA else self.executor.read_ia3
             return reader(leaf.name, self.group)
-        return getattr(self, f"_op_{leaf.func}", self._op_dense)(leaf)
+        return self._operator(leaf)
 
     def combination(self, comb: ir.Combination) -> Value | None:
         parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf)) is not None]
@@ -241,78 +223,47 @@ class _Evaluation:
                 return parts[0][1]
             A, B = kernels.exact_sum([(c, v.A, v.B, v.scale) for c, v in parts])
             return Lora(A, B)
-        return Dense(sum(c * _dense(v) for c, v in parts))
+        return Dense(sum(c * dense_of(v) for c, v in parts))
 
-    # ------------------------------------------------------------ functions
+    # ------------------------------------------------------------ operators
 
-    def _op_svd(self, leaf: ir.OpLeaf) -> Value | None:
-        options = dict(leaf.options)
-        value = self.combination(leaf.arg)
-        if value is None:
+    def _operator(self, leaf: ir.OpLeaf) -> Value | None:
+        """An operator leaf: its argument prepared as its registry row asks, then its kernel."""
+        operator = OPERATORS.get(leaf.func)
+        if operator is None:
+            raise InternalError(f"operator `{leaf.func}` reached execution but has no registry row")
+        argument = self._argument(operator.argument, leaf.arg)
+        if argument is None:  # no term targets these modules
             return None
-        if isinstance(value, Lora):
-            A, B = kernels.svd_from_factors(value.A, _folded_B(value), options["rank"], options.get("clamp"))
-        else:
-            A, B = kernels.svd_dense(value.delta, options["rank"], options.get("clamp"))
-        return Lora(A, B)
+        return _kernel(operator)(argument, dict(leaf.options), self.context())
 
-    def _factor_terms(self, leaf: ir.OpLeaf) -> list[tuple]:
-        terms = []
-        for term in leaf.arg.terms:
-            value = self.leaf(term.leaf)
-            if value is not None:
-                terms.append((term.coef, value.A, value.B, value.scale))
-        return terms
-
-    def _op_pem(self, leaf: ir.OpLeaf) -> Value | None:
-        terms = self._factor_terms(leaf)
-        return Lora(*kernels.pem(terms)) if terms else None
-
-    def _op_peft_linear(self, leaf: ir.OpLeaf) -> Value | None:
-        terms = self._factor_terms(leaf)
-        return Lora(*kernels.peft_linear(terms)) if terms else None
-
-    def _op_dense(self, leaf: ir.OpLeaf) -> Value | None:
-        """ties, dare_linear, dare_ties, magnitude_prune over the task tensors ΔWᵢ."""
-        coefs, tasks = [], []
-        for term in leaf.arg.terms:
-            value = self.leaf(term.leaf)
-            if value is not None:
-                coefs.append(term.coef)
-                tasks.append(_dense(value))
-        if not tasks:
+    def _argument(self, mode: Argument, comb: ir.Combination):
+        if mode is Argument.VALUE:
+            return self.combination(comb)
+        values = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf)) is not None]
+        if not values:
             return None
-        stacked = torch.stack(tasks)
-        weights = torch.tensor(coefs, dtype=torch.float32, device=stacked.device)
-        options = dict(leaf.options)
-        density = options["density"]
-        if leaf.func == "ties":
-            return Dense(kernels.ties(stacked, weights, density, options["majority"]))
-        if leaf.func == "magnitude_prune":
-            return Dense(kernels.magnitude_prune(stacked, weights, density))
-        generators = [kernels.module_generator(self.executor.seed, m, "cpu") for m in self.group.modules]
-        transposed = self.group.layout != "linear"
-        if leaf.func == "dare_linear":
-            return Dense(kernels.dare_linear(stacked, weights, density, generators, transposed))
-        return Dense(kernels.dare_ties(stacked, weights, density, generators, options["majority"], transposed))
+        if mode is Argument.FACTORS:
+            return [(coef, v.A, v.B, v.scale) for coef, v in values]
+        if mode is Argument.TASKS:
+            stacked = torch.stack([dense_of(v) for _, v in values])
+            return stacked, torch.tensor([c for c, _ in values], dtype=torch.float32, device=stacked.device)
+        raise InternalError(f"unknown argument mode {mode!r}")
+
+    def context(self) -> ops.Context:
+        return ops.Context(seed=self.executor.seed, modules=self.group.modules, layout=self.group.layout)
+
+
+def _kernel(operator):
+    kernel = getattr(ops, operator.kernel, None)
+    if kernel is None:
+        raise InternalError(f"operator `{operator.name}` names kernel `{operator.kernel}`, "
+                            "which peftdsl.runtime.ops does not define")
+    return kernel
 
 
 def _is_unit(scale: object) -> bool:
     return isinstance(scale, float) and scale == 1.0
-
-
-def _folded_B(value: Lora) -> torch.Tensor:
-    """B with the module scaling folded in (s·B), so that the factors alone give ΔW."""
-    if _is_unit(value.scale):
-        return value.B
-    scale = value.scale if isinstance(value.scale, float) else value.scale.view(-1, 1, 1)
-    return value.B * scale
-
-
-def _dense(value: Value) -> torch.Tensor:
-    if isinstance(value, Dense):
-        return value.delta
-    return kernels.lora_delta(value.A, value.B, value.scale)
 
 
 def _split(value: Value | None, group: Group) -> dict[str, LoraDelta | DenseDelta | IA3Delta]:
@@ -320,7 +271,7 @@ def _split(value: Value | None, group: Group) -> dict[str, LoraDelta | DenseDelt
         return {}
     out = {}
     layout = group.layout
-    B = _folded_B(value) if isinstance(value, Lora) else None
+    B = folded_B(value) if isinstance(value, Lora) else None
     for i, module in enumerate(group.modules):
         if isinstance(value, Lora):
             out[module] = LoraDelta(A=value.A[i].cpu(), B=B[i].cpu(), layout=layout)

@@ -1,0 +1,136 @@
+"""Fold a module's delta into its weight (and bias): the one implementation of the merge.
+
+The executor produces one delta per module, in the factor frame of
+``docs/conventions.md``; two places fold it into the base as PEFT's merge does:
+``peftdsl.evaluation.apply`` patches a loaded model in memory, and
+``peftdsl.outputs.merge`` streams a merged checkpoint. Both call
+:func:`fold_weight` and :func:`fold_bias`, so a merged model and an evaluated
+one have the same bits.
+
+- LoRA: ``W + B·A`` (scaling folded into B), in one ``addmm``; conv1d and
+  embedding weights store the delta transposed: ``W + Aᵀ·Bᵀ``.
+- dense: ``W + ΔW``, ΔW transposed for conv1d and embedding.
+- (IA)³: ``W·l`` (l transposed for conv1d), and an ordinary (non-feed-forward)
+  module's bias scaled by ``l`` too; no embeddings.
+
+The arithmetic runs in float32 (float64 stays float64) on the weight's device,
+and the result is rounded once to the weight's dtype. What to do with the result
+is the caller's: ``apply`` keeps the original tensors and puts them back (never
+subtracts a delta), ``merge`` casts to the output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # torch is imported when a delta is folded, not when this module is
+    import torch
+
+Layout = Literal["linear", "conv1d", "embedding"]
+LAYOUTS: tuple[str, ...] = ("linear", "conv1d", "embedding")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoraDelta:
+    """Low-rank factors with the scaling already folded in: ΔW = B·A (out×in)."""
+
+    A: torch.Tensor  # r × in
+    B: torch.Tensor  # out × r
+    layout: Layout = "linear"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DenseDelta:
+    """A full delta in the factor frame (out×in), as ``ties``/``dare`` produce."""
+
+    delta: torch.Tensor
+    layout: Layout = "linear"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IA3Delta:
+    """An (IA)³ vector: (out, 1) scales outputs, (1, in) scales inputs (feed-forward)."""
+
+    l: torch.Tensor  # the paper's and PEFT's name
+    feedforward: bool
+    layout: Layout = "linear"
+
+
+Delta = LoraDelta | DenseDelta | IA3Delta
+
+
+def fold_weight(weight: torch.Tensor, delta: Delta, *, name: str = "") -> torch.Tensor:
+    """A new tensor: ``weight`` with ``delta`` folded in, in ``weight``'s dtype and on its device.
+
+    ``name`` (the module's) prefixes error messages. Raises ValueError when the
+    delta does not fit the weight, TypeError when it is not a delta.
+    """
+    import torch
+
+    where = f"module `{name}`: " if name else ""
+    if not isinstance(delta, (LoraDelta, DenseDelta, IA3Delta)):
+        raise TypeError(f"{where}not a LoRA, dense or (IA)³ delta: {type(delta).__name__}")
+    if delta.layout not in LAYOUTS:
+        raise ValueError(f"{where}unknown layout `{delta.layout}`")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}a weight of shape {tuple(weight.shape)} is not a matrix")
+    linear = delta.layout == "linear"
+    out_in = tuple(weight.shape) if linear else tuple(weight.shape)[::-1]  # the weight in the factor frame
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    if isinstance(delta, IA3Delta):
+        vector = _ia3_vector(delta, weight, out_in, dtype, where)
+        return (weight.detach().to(dtype) * (vector if linear else vector.T)).to(weight.dtype)
+    if isinstance(delta, LoraDelta):
+        A, B = (t.to(device=weight.device, dtype=dtype) for t in (delta.A, delta.B))
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{where}LoRA factors of shapes {tuple(A.shape)} and {tuple(B.shape)} do not chain")
+        _check_fits(where, delta.layout, (B.shape[0], A.shape[1]), out_in, weight)
+        left, right = (B, A) if linear else (A.T, B.T)
+        return torch.addmm(weight.detach().to(dtype), left, right).to(weight.dtype)
+    frame = delta.delta.to(device=weight.device, dtype=dtype)
+    _check_fits(where, delta.layout, tuple(frame.shape), out_in, weight)
+    return (weight.detach().to(dtype) + (frame if linear else frame.T)).to(weight.dtype)
+
+
+def fold_bias(bias: torch.Tensor, delta: Delta, *, name: str = "") -> torch.Tensor | None:
+    """A new bias for ``delta``'s module, or None when the delta leaves the bias alone.
+
+    Only an ordinary (IA)³ module scales its bias (its output scaling, as PEFT's
+    merge does); LoRA, dense and feed-forward (IA)³ deltas touch the weight only.
+    """
+    import torch
+
+    if not changes_bias(delta):
+        return None
+    dtype = torch.promote_types(bias.dtype, torch.float32)
+    vector = delta.l.to(device=bias.device, dtype=dtype)
+    if vector.numel() != bias.numel():
+        where = f"module `{name}`: " if name else ""
+        raise ValueError(f"{where}(IA)³ vector of shape {tuple(vector.shape)} does not fit bias {tuple(bias.shape)}")
+    return (bias.detach().to(dtype) * vector.reshape(bias.shape)).to(bias.dtype)
+
+
+def changes_bias(delta: Delta) -> bool:
+    """Whether :func:`fold_bias` changes a bias for this delta (ordinary (IA)³ only)."""
+    return isinstance(delta, IA3Delta) and not delta.feedforward
+
+
+def _ia3_vector(delta: IA3Delta, weight: torch.Tensor, out_in: tuple, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """``l`` on the weight's device in ``dtype``, after checking its shape against the weight."""
+    if delta.layout == "embedding":
+        raise ValueError(f"{where}(IA)³ does not apply to embeddings")
+    out_features, in_features = out_in
+    expected = (1, in_features) if delta.feedforward else (out_features, 1)
+    if tuple(delta.l.shape) != expected:
+        kind = "feed-forward" if delta.feedforward else "output"
+        raise ValueError(f"{where}(IA)³ vector of shape {tuple(delta.l.shape)} does not fit weight "
+                         f"{tuple(weight.shape)}: expected {expected} ({kind} scaling)")
+    return delta.l.to(device=weight.device, dtype=dtype)
+
+
+def _check_fits(where: str, layout: str, frame: tuple, out_in: tuple, weight: torch.Tensor) -> None:
+    """A delta of ``frame`` shape (out×in) fits a weight whose factor-frame shape is ``out_in``."""
+    if tuple(frame) != out_in:
+        raise ValueError(f"{where}a {layout} delta of shape {tuple(frame)} does not fit its weight of shape "
+                         f"{tuple(weight.shape)}")
