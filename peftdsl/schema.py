@@ -43,14 +43,10 @@ class OutputSpec(_Strict):
     dtype: Dtype | None = Field(None, description="dtype of the written tensors (default: the inputs')")
 
 
-class EvalSpec(_Strict):
-    """One evaluation target (DESIGN §4)."""
+class EvalOptions(_Strict):
+    """An eval entry's options: declared once, here, for the recipe's schema and for the
+    evaluator (`peftdsl.evaluation.evaluate.EvalSpec` extends this model)."""
 
-    # Eval names are labels, not expression names: `toxic-ppl` (DESIGN §1) is fine.
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-    models: list[str] = Field(min_length=1, description="adapters, compositions, or `base`")
-    metric: Literal["perplexity", "accuracy", "generate"]
-    data: str = Field(description=".txt (a sequence per line) or .jsonl")
     batch_size: PositiveInt = 8
     max_length: PositiveInt | None = None
     limit: PositiveInt | None = None
@@ -61,6 +57,22 @@ class EvalSpec(_Strict):
     labels: dict[str, str] | None = Field(None, description="label -> verbalizer, for accuracy")
     max_new_tokens: PositiveInt = 32
     do_sample: bool = False
+    temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="sampling temperature (with do_sample)")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="nucleus sampling mass (with do_sample)")
+
+
+METRICS = ("perplexity", "accuracy", "generate")
+Metric = Literal["perplexity", "accuracy", "generate"]
+
+
+class EvalSpec(EvalOptions):
+    """One evaluation target (DESIGN §4)."""
+
+    # Eval names are labels, not expression names: `toxic-ppl` (DESIGN §1) is fine.
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    models: list[str] = Field(min_length=1, description="adapters, compositions, or `base`")
+    metric: Metric
+    data: str = Field(description=".txt (a sequence per line) or .jsonl")
     dtype: Dtype | None = Field(None, description="dtype the base model is loaded in for evaluation")
 
 

@@ -46,8 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ConfigDict
+
 from peftdsl.errors import EvalDataError
 from peftdsl.evaluation.apply import Delta, applied
+from peftdsl.schema import METRICS, EvalOptions, Metric  # noqa: F401 - METRICS is re-exported
 from peftdsl.progress import progress
 
 if TYPE_CHECKING:
@@ -55,36 +58,19 @@ if TYPE_CHECKING:
 
     from peftdsl.evaluation.report import Result
 
-METRICS: tuple[str, ...] = ("perplexity", "accuracy", "generate")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EvalSpec:
-    """One ``eval`` entry of a recipe, with its options resolved to values."""
+class EvalSpec(EvalOptions):
+    """One ``eval`` entry of a recipe, resolved: its options are the recipe schema's own
+    (`peftdsl.schema.EvalOptions`), so a field and its default are declared once."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
 
     name: str
-    metric: str
+    metric: Metric
     data: Path
     models: tuple[str, ...] = ("base",)
-    batch_size: int = 8
-    max_length: int | None = None  # None: the model's context length
-    limit: int | None = None
-    text_field: str = "text"
-    label_field: str = "label"
-    choices_field: str = "choices"
-    answer_field: str = "answer"
-    labels: Mapping[str, str] | None = None  # label -> verbalizer
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric `{self.metric}`; expected one of {', '.join(METRICS)}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+    seed: int = 0  # the recipe's: seeds sampling
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ def evaluate_point(analysis, job: PointJob, compute_deltas, cache: dict | None =
     specs = [EvalSpec(name=t.name, metric=t.metric, data=t.data, models=t.models, seed=recipe.seed,
                       **{k: v for k, v in t.options if k != "dtype"}) for t in recipe.evals]
     form = {m: analysis.canonical.get(m, m) for spec in specs for m in spec.models}
-    todo = [dataclasses.replace(spec, models=missing) for spec in specs
+    todo = [spec.model_copy(update={"models": missing}) for spec in specs
             if (missing := tuple(m for m in spec.models if (spec.name, form[m]) not in cache))]
     if todo:
         models = sorted({m for spec in todo for m in spec.models if m != "base"})
