@@ -205,7 +205,7 @@ def cmd_lock(args) -> int:
         raise UsageError(f"no such file: {args.recipe}")
     from peftdsl.lock import lock_command
 
-    return lock_command(args)
+    return lock_command(args.recipe)
 
 
 if __name__ == "__main__":  # pragma: no cover

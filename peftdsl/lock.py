@@ -29,10 +29,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def lock_command(args) -> int:
+def lock_command(path: Path) -> int:
+    """`peftdsl lock PATH`: pin every adapter's sha256 into the recipe, keeping its text."""
     from peftdsl.console import EXIT_ERRORS, EXIT_OK, print_diagnostics
 
-    source = read_source(args.recipe)
+    source = read_source(path)
     sink = Sink()
     recipe = build_recipe(source, sink)
     pins: dict[str, str] = {}
@@ -53,12 +54,12 @@ def lock_command(args) -> int:
     try:
         _check_pinned(source, text, pins)
     except ValueError as err:  # a layout the text edit does not handle: say so, write nothing
-        print(f"peftdsl: error: cannot pin {args.recipe} in place ({err}); add the sha256 pins by hand",
+        print(f"peftdsl: error: cannot pin {path} in place ({err}); add the sha256 pins by hand",
               file=sys.stderr)
         return EXIT_ERRORS
     if text != source.text:
-        _replace(args.recipe, text)
-    print(f"pinned {len(pins)} adapter{'s' if len(pins) != 1 else ''} in {args.recipe}", file=sys.stderr)
+        _replace(path, text)
+    print(f"pinned {len(pins)} adapter{'s' if len(pins) != 1 else ''} in {path}", file=sys.stderr)
     return EXIT_OK
 
 
