@@ -10,6 +10,7 @@ Semantics (DESIGN §2) are defined on this form.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 from peftdsl import ir
@@ -22,9 +23,10 @@ Kind = ir.Kind
 Value = float | ir.Combination | None  # None: not computable (an error was reported)
 
 
-# Tests turn this on (tests/conftest.py): every canonical form is then checked against
-# the invariants below as it is made, and a violation is a bug, raised at once.
-CHECK_INVARIANTS = False
+# Tests turn this on (tests/conftest.py sets PEFTDSL_CHECK_INVARIANTS=1, which the
+# subprocesses and Ray workers they start inherit): every canonical form is then checked
+# against the invariants below as it is made, and a violation is a bug, raised at once.
+CHECK_INVARIANTS = os.environ.get("PEFTDSL_CHECK_INVARIANTS") == "1"
 
 
 def canonicalise(recipe: ir.Recipe, kinds: Mapping[str, Kind | None], sink: Sink,

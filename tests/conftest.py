@@ -19,11 +19,12 @@ import pytest
 
 BASE_NAME = "tiny-llama"
 
-# Every canonical form any test makes is checked against the canonical-form invariants
-# as it is made (peftdsl.canonical.invariant_violations): a violation fails that test.
+# Every canonical form any test makes — in process, in a subprocess, on a Ray worker — is
+# checked against the canonical-form invariants as it is made: a violation fails the test.
+os.environ["PEFTDSL_CHECK_INVARIANTS"] = "1"
 import peftdsl.canonical  # noqa: E402
 
-peftdsl.canonical.CHECK_INVARIANTS = True
+peftdsl.canonical.CHECK_INVARIANTS = True  # in case peftdsl was imported before this file
 
 
 def build_fixtures(folder: Path) -> None:

@@ -63,3 +63,32 @@ def test_wings_never_import_the_drivers():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module:
                     assert node.module not in ("peftdsl.cli", "peftdsl.api", "peftdsl.runner"), (path, node.module)
+
+
+def test_canonical_invariants_are_checked_while_tests_run(monkeypatch):
+    """The checker is on (conftest), and a form that breaks an invariant is caught as it is made."""
+    import peftdsl.canonical as canonical
+    from peftdsl import build, ir
+    from peftdsl.diagnostics import Sink
+    from peftdsl.spans import SourceFile
+
+    assert canonical.CHECK_INVARIANTS
+    sink = Sink()
+    recipe = build.build_recipe(SourceFile(Path("r.yaml"), "peftdsl: 1\nadapters: {a: a, b: b}\n"
+                                           "compose:\n  x: b + a\n"), sink)
+    kinds = {"a": ir.Kind.LORA, "b": ir.Kind.LORA, "x": ir.Kind.LORA}
+    assert canonical.canonicalise(recipe, kinds, sink)["x"].terms  # sorted, fine
+    monkeypatch.setattr(canonical._Canonicaliser, "_combine", _unsorted(canonical._Canonicaliser._combine))
+    with pytest.raises(AssertionError, match="not in leaf order"):
+        canonical.canonicalise(recipe, kinds, sink)
+
+
+def _unsorted(combine):
+    """A broken pass: terms in reverse leaf order."""
+    import dataclasses
+
+    def wrapper(self, parts, span):
+        result = combine(self, parts, span)
+        return None if result is None else dataclasses.replace(result, terms=result.terms[::-1])
+
+    return wrapper
