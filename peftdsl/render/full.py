@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from itertools import groupby
 
 from peftdsl.diagnostics import Diagnostic, Severity
-from peftdsl.render.positions import Region, _bare_path, _paint, _printable, _visible, region
+from peftdsl.numbers import plural
+from peftdsl.render.positions import (
+    Region,
+    _bare_path,
+    _paint,
+    _printable,
+    _visible,
+    region,
+)
 from peftdsl.spans import SourceFile, Span
 
 
@@ -24,15 +32,13 @@ def summary_line(diagnostics: Sequence[Diagnostic], *, color: bool = False) -> s
     """
     errors = sum(d.level is Severity.ERROR for d in diagnostics)
     warnings = sum(d.level is Severity.WARNING for d in diagnostics)
-    parts = [_plural(n, word) for n, word in ((errors, "error"), (warnings, "warning")) if n]
+    parts = [plural(n, word) for n, word in ((errors, "error"), (warnings, "warning")) if n]
     if not parts:
         return ""
     level = "error" if errors else "warning"
     return f"{_paint(level, level, color)}: {', '.join(parts)} emitted"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def render_full(diagnostics: Sequence[Diagnostic], *, color: bool = False) -> str:
