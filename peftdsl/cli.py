@@ -24,6 +24,7 @@ from peftdsl.console import (
     parse_sets,
     print_diagnostics,
 )
+from peftdsl.numbers import plural
 
 _MARKER = re.compile(r"^peftdsl\s*:", re.MULTILINE)
 
@@ -148,7 +149,7 @@ def cmd_lint(args) -> int:
     machine = args.format in ("json", "sarif")
     print_diagnostics(diags, args.format, _use_color(args.color), stream=sys.stdout)
     if not diags and not machine:
-        print(f"{len(recipes)} recipe{'s' if len(recipes) != 1 else ''} checked, no problems", file=sys.stderr)
+        print(f"{plural(len(recipes), 'recipe')} checked, no problems", file=sys.stderr)
     failing = {Severity.ERROR, Severity.WARNING} if args.strict else {Severity.ERROR}
     return EXIT_ERRORS if any(d.level in failing for d in diags) else EXIT_OK
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from peftdsl.build import build_recipe, read_source
 from peftdsl.diagnostics import Sink
 from peftdsl.inputs import InputError, adapter_weights, locate_adapter
+from peftdsl.numbers import plural
 from peftdsl.spans import SourceFile
 from peftdsl.yamlload import load_yaml
 
@@ -59,7 +60,7 @@ def lock_command(path: Path) -> int:
         return EXIT_ERRORS
     if text != source.text:
         _replace(path, text)
-    print(f"pinned {len(pins)} adapter{'s' if len(pins) != 1 else ''} in {path}", file=sys.stderr)
+    print(f"pinned {plural(len(pins), 'adapter')} in {path}", file=sys.stderr)
     return EXIT_OK
 
 
