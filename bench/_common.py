@@ -264,7 +264,32 @@ def dir_bytes(path: Path) -> int:
 
 
 def peftdsl_cmd(*args: str) -> list[str]:
+    """A ``peftdsl`` command as a subprocess (``lint`` latency is the command's own)."""
     return [sys.executable, "-m", "peftdsl", *args]
+
+
+def peftdsl_run(recipe: Path, **options):
+    """`peftdsl run RECIPE --quiet …` in process, through the API: `peftdsl.load(recipe).run(…)`
+    (the front end included, as the command runs it). Raises `RecipeError` if the run fails."""
+    import peftdsl
+
+    return peftdsl.load(recipe).run(quiet=True, **options)
+
+
+_RUN_CHILD = """import json, sys
+import peftdsl
+try:
+    peftdsl.load(sys.argv[1]).run(quiet=True, **json.loads(sys.argv[2]))
+except peftdsl.RecipeError as err:
+    sys.exit(str(err))
+"""
+
+
+def peftdsl_run_cmd(recipe: Path, **options) -> list[str]:
+    """A fresh interpreter running ``peftdsl.load(recipe).run(quiet=True, **options)``: what
+    ``peftdsl run RECIPE --quiet …`` does, interpreter start and imports included (for the
+    benchmarks that time or measure a whole process). Options must be JSON values."""
+    return [sys.executable, "-c", _RUN_CHILD, str(recipe), json.dumps(options)]
 
 
 def _adapter_weights(path: Path) -> tuple[Path, float]:

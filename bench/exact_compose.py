@@ -1,7 +1,8 @@
 """Exact composition ``a + b - 0.5*c`` written as an adapter, against PEFT and the I/O floor.
 
-- peftdsl: ``peftdsl run`` of the recipe, in process (``peftdsl.cli.main``), so that
-  interpreter start and imports (paid once by every tool) do not hide the work.
+- peftdsl: the recipe run in process through the API (``peftdsl.load(recipe).run(force=True)``,
+  what ``peftdsl run`` does), so that interpreter start and imports (paid once by every tool)
+  do not hide the work.
 - PEFT: ``PeftModel.from_pretrained`` + ``load_adapter`` ×2 + ``add_weighted_adapter(cat)``
   + ``save_pretrained``, in process, on a base model built beforehand (untimed) with
   uninitialised weights (``cat`` never reads base weights).
@@ -66,11 +67,7 @@ outputs:
         out_bytes = 0
 
         def ours():
-            from peftdsl.cli import main as peftdsl_main
-
-            code = peftdsl_main(["run", str(recipe), "--quiet", "--force", "--device", args.device])
-            if code != 0:
-                raise RuntimeError(f"peftdsl run failed with {code}")
+            C.peftdsl_run(recipe, force=True, device=args.device)  # raises RecipeError if it fails
 
         def peft_cat(base):
             from peft import PeftModel

@@ -2,7 +2,8 @@
 
 Same base (a random Llama, ~200 MB fp32) and the same 4 rank-16 LoRAs on all 7
 projections; result ``base + Σ wᵢ·ΔWᵢ`` in float32. Both tools run as
-subprocesses; we measure wall time, the peak summed RSS of the process tree
+subprocesses (peftdsl: a fresh interpreter running ``peftdsl.load(recipe).run()``, what
+``peftdsl run`` does; mergekit: ``mergekit-yaml``); we measure wall time, the peak summed RSS of the process tree
 (psutil, polled every 10 ms) and scratch disk: mergekit's ``--lora-merge-cache``
 (emptied before every run, as a user's first run pays it). peftdsl writes no
 scratch copy: it streams base shards into a temporary folder that becomes the
@@ -88,7 +89,7 @@ def main() -> None:
             "parameters: {normalize: false}\nmodels:\n"
             + "".join(f"  - model: {base}+{lora}\n    parameters: {{weight: {w}}}\n"
                       for lora, w in zip(loras, WEIGHTS)))
-        ours_cmd = C.peftdsl_cmd("run", str(recipe), "--quiet", "--force", "--device", "cpu")
+        ours_cmd = C.peftdsl_run_cmd(recipe, force=True, device="cpu")
         kit = mergekit_command()
         cache = root / "lora-cache"
         kit_cmd = kit and [*kit, str(config), str(root / "out/mergekit"), "--lora-merge-cache", str(cache),

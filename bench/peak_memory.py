@@ -7,8 +7,9 @@ process:
 - exact: ``a0 + … + a7`` (rank 128) written as an adapter;
 - svd:   ``svd(a0 + … + a7, rank=16)`` written as an adapter.
 
-The child imports everything a run imports, records its RSS (the baseline), runs
-``peftdsl.cli.main(["run", …])`` in process and polls RSS every 5 ms (with
+The child imports everything a run imports, records its RSS (the baseline), runs the
+recipe through the API (``peftdsl.load(recipe).run(force=True)``, what ``peftdsl run`` does)
+in process and polls RSS every 5 ms (with
 ``ru_maxrss`` as a floor). Reported: peak RSS − baseline, and the same for the
 anonymous part (``RssAnon``: memory the process owns, not file pages of the
 memory-mapped inputs, which the kernel can drop). Target: < 1 GiB above baseline.
@@ -32,7 +33,8 @@ import _common as C  # noqa: E402
 CHILD = r"""
 import json, resource, sys, threading, time
 import torch, safetensors, peft, transformers  # noqa: F401  (a run imports these)
-import peftdsl.cli, peftdsl.runner, peftdsl.runtime.execute, peftdsl.outputs.write, peftdsl.lower  # noqa: F401
+import rich.console  # noqa: F401  (the run's console)
+import peftdsl, peftdsl.runner, peftdsl.runtime.execute, peftdsl.outputs.write, peftdsl.lower  # noqa: F401
 
 def status():
     fields = {}
@@ -55,7 +57,12 @@ def poll():
 thread = threading.Thread(target=poll, daemon=True)
 thread.start()
 start = time.perf_counter()
-code = peftdsl.cli.main(["run", sys.argv[1], "--quiet", "--force", "--device", sys.argv[2]])
+code = 0
+try:
+    peftdsl.load(sys.argv[1]).run(quiet=True, force=True, device=sys.argv[2])
+except peftdsl.RecipeError as err:
+    print(err, file=sys.stderr)
+    code = 1
 wall = time.perf_counter() - start
 stop.set(); thread.join()
 peak["VmRSS"] = max(peak["VmRSS"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -5,9 +5,10 @@
     ``add_weighted_adapter`` on a model holding just that Linear (dense ΔW sum +
     full ``torch.linalg.svd``). Target: ≥ 100× faster. Also the largest absolute
     difference between the two results' ΔW = B·A.
-(b) the whole process on a multi-layer Llama: ``peftdsl run`` of an svd recipe vs
-    a PEFT script (load base + adapters, add_weighted_adapter(svd), save_pretrained),
-    both as subprocesses, interpreter start included.
+(b) the whole process on a multi-layer Llama: an svd recipe run by a fresh interpreter
+    through the API (``peftdsl.load(recipe).run()``, what ``peftdsl run`` does) vs a PEFT
+    script (load base + adapters, add_weighted_adapter(svd), save_pretrained), both as
+    subprocesses, interpreter start included.
 
     python bench/svd_compose.py [--quick] [--device cpu|cuda] [--repeats N] [--md FILE]
 """
@@ -103,7 +104,7 @@ compose:
 outputs:
   small: out/peftdsl
 """)
-    ours_cmd = C.peftdsl_cmd("run", str(recipe), "--quiet", "--force", "--device", device)
+    ours_cmd = C.peftdsl_run_cmd(recipe, force=True, device=device)
     theirs_cmd = [sys.executable, str(Path(__file__).parent / "_anchors.py"), "peft-weighted",
                   "--base", str(base), "--adapters", *map(str, adapters),
                   "--weights", *map(str, WEIGHTS), "--combination", "svd", "--rank", str(rank),

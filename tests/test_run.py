@@ -1,5 +1,7 @@
-"""`peftdsl run` end to end, every operator against an independent reference.
+"""`Recipe.run` (what `peftdsl run` does) end to end, every operator against an independent reference.
 
+Runs go through the Python API; the tests whose subject is the command line itself
+(exit statuses, stderr, no traceback, `--only`) run `peftdsl run`.
 References are PEFT's own functions on tiny random models built here (sums of
 `get_delta_weight`, `add_weighted_adapter`, `merge_and_unload`) and plain torch
 formulas (a dense SVD's best rank-k approximation, the (IA)³ formula).
@@ -21,6 +23,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import peftdsl
 from peftdsl.cli import main
 from tests.factories import (
     load_peft,
@@ -50,7 +53,23 @@ def lab(tmp_path_factory) -> Path:
     return root
 
 
-def run(recipe: Path, *extra: str) -> int:
+def run(recipe: Path, **options) -> peftdsl.RunResult:
+    """`peftdsl run RECIPE --quiet`, through the API; raises `RecipeError` when the run fails."""
+    return peftdsl.load(recipe).run(quiet=True, **options)
+
+
+def run_fails(recipe: Path, **options) -> peftdsl.RecipeError:
+    """A run that must fail: its `RecipeError` (every diagnostic, rendered as the CLI prints them)."""
+    with pytest.raises(peftdsl.RecipeError) as err:
+        run(recipe, **options)
+    return err.value
+
+
+def error_codes(err: peftdsl.RecipeError) -> list[str]:
+    return [d.code for d in err.diagnostics if d.severity is peftdsl.Severity.ERROR]
+
+
+def cli_run(recipe: Path, *extra: str) -> int:
     return main(["run", str(recipe), "--quiet", *extra])
 
 
@@ -87,7 +106,7 @@ compose:
 outputs:
   mix: {tmp_path}/mix
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("mix",)
     reference = load_peft(lab / "base", {n: lab / n for n in ("a", "b", "rs", "k")})
     got = output_deltas(tmp_path / "mix", lab / "base", LLAMA_MODULES)
     for module in LLAMA_MODULES:
@@ -109,7 +128,7 @@ compose:
 outputs:
   neg: {tmp_path}/neg
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("neg",)
     reference = load_peft(lab / "base", {"a": lab / "a", "b": lab / "b"})
     patched = AutoModelForCausalLM.from_pretrained(lab / "base")
     with torch.no_grad():
@@ -150,7 +169,7 @@ compose:
 outputs:
   out: {tmp_path}/out
 """, name=f"{combination}.yaml")
-    assert run(recipe) == 0
+    assert run(recipe).written == ("out",)
     reference = _peft_combined(lab, ["a", "b"], weights, combination, **kwargs)
     got = output_deltas(tmp_path / "out", lab / "base", LLAMA_MODULES)
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
@@ -165,7 +184,7 @@ compose:
 outputs:
   small: {tmp_path}/small
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("small",)
     reference = load_peft(lab / "base", {"a": lab / "a", "rs": lab / "rs"})
     got = output_deltas(tmp_path / "small", lab / "base", LLAMA_MODULES[:3])
     for module in LLAMA_MODULES[:3]:
@@ -183,7 +202,7 @@ compose:
 outputs:
   p: {tmp_path}/p
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("p",)
     reference = load_peft(lab / "base", {"a": lab / "a", "b": lab / "b"})
     got = output_deltas(tmp_path / "p", lab / "base", LLAMA_MODULES[:1])
     layer = reference.get_submodule(f"base_model.model.{LLAMA_MODULES[0]}")
@@ -205,7 +224,7 @@ outputs:
   mix: {tmp_path}/mix
   neg: {tmp_path}/neg
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("mix", "neg")
     reference = load_peft(lab / "base", {"i": lab / "i", "j": lab / "j"})
     reference.add_weighted_adapter(["i", "j"], [0.3, 0.7], "combined")
     mix = load_file(tmp_path / "mix/adapter_model.safetensors")
@@ -232,7 +251,7 @@ compose:
 outputs:
   mix: {{path: {tmp_path}/merged, merge: true}}
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("mix",)
     reference = _peft_combined(lab, ["a", "b"], [1.0, -0.4], "cat")
     reference.set_adapter("combined")
     want = reference.merge_and_unload().state_dict()
@@ -260,7 +279,7 @@ compose_note: null
 """.replace("compose_note: null\n", "").replace("  merged: {path: out/merged, merge: true}\n",
                                                   "  mixm: {path: out/merged, merge: true}\n").replace(
         "  mix: 0.5 * a - b\n", "  mix: 0.5 * a - b\n  mixm: 0.5 * a - b\n"))
-    assert run(recipe) == 0
+    assert run(recipe).written == ("mix", "mixm")
     reference = load_peft(tmp_path / "base", {"a": tmp_path / "a", "b": tmp_path / "b"})
     modules = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn", "transformer.wte"]
     got = output_deltas(tmp_path / "out/mix", tmp_path / "base", modules)
@@ -293,12 +312,12 @@ outputs:
   e: {tmp_path}/e
 """
     recipe = write_recipe(lab, text.replace("SEED", "1"), name="dare.yaml")
-    assert run(recipe) == 0
+    assert run(recipe).written == ("d", "e")
     first = {n: _file_bytes(tmp_path / n) for n in ("d", "e")}
-    assert run(recipe, "--force") == 0
+    assert run(recipe, force=True).written == ("d", "e")
     assert {n: _file_bytes(tmp_path / n) for n in ("d", "e")} == first
     recipe.write_text(text.replace("SEED", "2"))
-    assert run(recipe, "--force") == 0
+    run(recipe, force=True)
     weights = "adapter_model.safetensors"
     assert _file_bytes(tmp_path / "d")[weights] != first["d"][weights]
     assert _file_bytes(tmp_path / "e")[weights] == first["e"][weights]
@@ -325,7 +344,7 @@ compose:
 outputs:
   mix: {tmp_path}/mix
 """, name="hf.yaml")
-    assert run(recipe) == 0
+    assert run(recipe).written == ("mix",)
     got = output_deltas(tmp_path / "mix", lab / "base", LLAMA_MODULES[:1])
     reference = load_peft(lab / "base", {"a": lab / "a", "b": lab / "b"})
     want = delta(reference, "a", LLAMA_MODULES[0]) + delta(reference, "b", LLAMA_MODULES[0])
@@ -415,20 +434,20 @@ compose:
 outputs:
   mix: {tmp_path}/mix
 """, name="exists.yaml")
-    assert run(recipe) == 1
+    assert error_codes(run_fails(recipe)) == ["R602"]
     assert (tmp_path / "mix" / "keep.txt").read_text() == "mine"
     # Not even --force replaces a folder that peftdsl did not write.
-    assert run(recipe, "--force") == 1
+    assert error_codes(run_fails(recipe, force=True)) == ["R602"]
     assert (tmp_path / "mix" / "keep.txt").read_text() == "mine"
     (tmp_path / "mix" / "keep.txt").unlink()
-    assert run(recipe, "--force") == 0  # an empty folder may be replaced
+    assert run(recipe, force=True).written == ("mix",)  # an empty folder may be replaced
     first = (tmp_path / "mix" / "adapter_model.safetensors").read_bytes()
-    assert run(recipe) == 1  # now an output: kept without --force
-    assert run(recipe, "--force") == 0  # and replaced with it
+    assert error_codes(run_fails(recipe)) == ["R602"]  # now an output: kept without --force
+    assert run(recipe, force=True).written == ("mix",)  # and replaced with it
     assert (tmp_path / "mix" / "adapter_model.safetensors").read_bytes() == first
 
 
-def test_pins_are_checked_before_any_compute(lab: Path, tmp_path: Path, capsys):
+def test_pins_are_checked_before_any_compute(lab: Path, tmp_path: Path):
     from peftdsl.lock import sha256_file
 
     good = sha256_file(lab / "a" / "adapter_model.safetensors")
@@ -442,13 +461,13 @@ compose:
 outputs:
   mix: {tmp_path}/mix
 """, name="pins.yaml")
-    assert run(recipe) == 1
-    assert "error[I309]" in capsys.readouterr().err
+    err = run_fails(recipe)
+    assert "I309" in error_codes(err) and "error[I309]" in str(err)
     assert not (tmp_path / "mix").exists()
     recipe.write_text(recipe.read_text().replace(bad, good))
-    assert run(recipe, "--locked") == 1
-    assert "error[I311]" in capsys.readouterr().err  # `b` is not pinned
-    assert run(recipe) == 0
+    err = run_fails(recipe, locked=True)
+    assert "I311" in error_codes(err) and "error[I311]" in str(err)  # `b` is not pinned
+    assert run(recipe).written == ("mix",)
 
 
 @pytest.mark.cuda
@@ -466,7 +485,7 @@ outputs:
     for device in ("cpu", "cuda"):
         recipe.write_text(recipe.read_text().replace("DEV", device) if "DEV" in recipe.read_text()
                           else recipe.read_text().replace("/cpu/", f"/{device}/"))
-        assert run(recipe, "--device", device) == 0
+        assert run(recipe, device=device).device.startswith(device)
     for name in ("small", "t"):
         cpu = output_deltas(tmp_path / "cpu" / name, lab / "base", LLAMA_MODULES)
         gpu = output_deltas(tmp_path / "cuda" / name, lab / "base", LLAMA_MODULES)
@@ -474,7 +493,7 @@ outputs:
             torch.testing.assert_close(gpu[module], cpu[module], atol=1e-5, rtol=1e-4)
 
 
-def test_resource_guard_refuses_a_plan_that_cannot_fit(lab: Path, tmp_path: Path, monkeypatch, capsys):
+def test_resource_guard_refuses_a_plan_that_cannot_fit(lab: Path, tmp_path: Path, monkeypatch):
     import peftdsl.runner as runner
 
     monkeypatch.setattr(runner, "available_memory", lambda device: 1024)
@@ -485,11 +504,11 @@ compose:
 outputs:
   mix: {tmp_path}/mix
 """, name="guard.yaml")
-    assert run(recipe) == 1
-    err = capsys.readouterr().err
-    assert "error[R603]" in err and "GiB" in err and "--force" in err
+    err = run_fails(recipe)
+    assert error_codes(err) == ["R603"]
+    assert "error[R603]" in str(err) and "GiB" in str(err) and "--force" in str(err)
     assert not (tmp_path / "mix").exists()
-    assert run(recipe, "--force") == 0
+    assert run(recipe, force=True).written == ("mix",)
 
 
 def test_gpt2_layout_comes_from_the_base_when_the_config_says_otherwise(tmp_path: Path):
@@ -509,7 +528,7 @@ compose:
 outputs:
   m: {path: merged, merge: true}
 """)
-    assert run(recipe) == 0
+    assert run(recipe).written == ("m",)
     reference = load_peft(tmp_path / "base", {"a": tmp_path / "a"})
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
@@ -528,9 +547,9 @@ outputs:
   x: {tmp_path}/x
   y: {tmp_path}/y
 """, name="only.yaml")
-    assert run(recipe, "--only", "y") == 0
+    assert cli_run(recipe, "--only", "y") == 0
     assert (tmp_path / "y").exists() and not (tmp_path / "x").exists()
-    assert run(recipe, "--only", "nope") == 2
+    assert cli_run(recipe, "--only", "nope") == 2
     assert "no output `nope`" in capsys.readouterr().err
 
 
@@ -552,7 +571,8 @@ outputs:
 eval:
   - {name: ppl, models: [i], metric: perplexity, data: data.txt}
 """)
-    assert run(recipe, "--report", str(tmp_path / "report")) == 0
+    result = run(recipe, report=tmp_path / "report")
+    assert result.written == ("m",) and result.report == tmp_path / "report"
     reference = load_peft(tmp_path / "base", {"i": tmp_path / "i"}).merge_and_unload().state_dict()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
@@ -619,7 +639,7 @@ compose:
 outputs:
   t: {{path: {tmp_path}/merged, merge: true}}
 """, name="dense_merge.yaml")
-    assert run(recipe) == 0
+    assert run(recipe).written == ("t",)
     analysis = analyse(recipe, Sink())
     with Executor(analysis.adapters, device=torch.device("cpu"), seed=0) as executor:
         deltas = executor.run(lower(analysis, "t"))

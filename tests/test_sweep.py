@@ -1,5 +1,6 @@
-"""Evaluation and sweeps through `peftdsl run`: values against direct transformers
-computations, selection, reports and plots, and the Ray executor against the local one."""
+"""Evaluation and sweeps through `Recipe.run` (what `peftdsl run` does): values against direct
+transformers computations, selection, reports and plots, and the Ray executor against the local
+one. `--set` and the missing-Ray usage error (exit 2, stderr) are tested on the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import peftdsl
 from peftdsl.cli import main
 from tests.factories import load_peft, make_lora, save_tiny_llama_with_tokenizer
 
@@ -48,6 +50,21 @@ sweep:
     return root
 
 
+def run(recipe: Path, report: Path, **options) -> peftdsl.RunResult:
+    """`peftdsl run RECIPE --report REPORT --quiet --force`, through the API."""
+    return peftdsl.load(recipe).run(report=report, quiet=True, force=True, **options)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance for this module's Ray tests (`run_on_ray` uses it, as it is
+    already initialised): starting Ray costs seconds."""
+    ray = pytest.importorskip("ray")
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
 def reference_perplexity(model, tokenizer) -> float:
     """exp(Σ NLL / Σ predicted tokens), one sequence at a time, with transformers alone."""
     nll, count = 0.0, 0
@@ -73,9 +90,11 @@ def patched_model(lab: Path, lam: float):
 
 def test_sweep_values_selection_report_and_outputs(lab: Path, tmp_path: Path):
     report = tmp_path / "report"
-    assert main(["run", str(lab / "recipe.yaml"), "--report", str(report), "--quiet", "--force"]) == 0
+    result = run(lab / "recipe.yaml", report)
+    assert result.written == ("mix",) and result.report == report
     document = json.loads((report / "report.json").read_text())
     assert document["recipe"] == "sweep-test"
+    assert [r.to_json() for r in result.results] == document["results"]
     rows = document["results"]
     assert len(rows) == len(LAMS) * 3
     tokenizer = AutoTokenizer.from_pretrained(lab / "base")
@@ -86,7 +105,7 @@ def test_sweep_values_selection_report_and_outputs(lab: Path, tmp_path: Path):
     base = reference_perplexity(AutoModelForCausalLM.from_pretrained(lab / "base").eval(), tokenizer)
     assert all(r["value"] == pytest.approx(base, rel=1e-4) for r in rows if r["model"] == "base")
     best = min(LAMS, key=lambda lam: expected[lam])
-    assert document["selected"] == {"lam": best}
+    assert document["selected"] == result.selected == {"lam": best}
     provenance = json.loads((lab / "out/mix/peftdsl.json").read_text())
     assert provenance["params"]["lam"] == best  # outputs are written for the selected point
     assert (report / "report.md").exists()
@@ -102,15 +121,11 @@ def test_set_pins_a_swept_param(lab: Path, tmp_path: Path):
     assert {r["params"]["lam"] for r in document["results"]} == {0.5}
 
 
-def test_ray_executor_gives_the_local_results(lab: Path, tmp_path: Path):
-    pytest.importorskip("ray")
+def test_ray_executor_gives_the_local_results(lab: Path, tmp_path: Path, ray_local):
     local, remote = tmp_path / "local", tmp_path / "ray"
-    assert main(["run", str(lab / "recipe.yaml"), "--report", str(local), "--quiet", "--force"]) == 0
-    assert main(["run", str(lab / "recipe.yaml"), "--report", str(remote), "--quiet", "--force",
-                 "--executor", "ray"]) == 0
-    import ray
-
-    ray.shutdown()
+    here = run(lab / "recipe.yaml", local)
+    there = run(lab / "recipe.yaml", remote, executor="ray")
+    assert there.results == here.results and there.selected == here.selected
     assert json.loads((remote / "report.json").read_text()) == json.loads((local / "report.json").read_text())
 
 
@@ -126,7 +141,7 @@ def test_models_that_do_not_depend_on_the_swept_param_are_evaluated_once(lab: Pa
         return real(model, tokenizer, spec, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "run_eval", counting)
-    assert main(["run", str(lab / "recipe.yaml"), "--report", str(tmp_path / "r"), "--quiet", "--force"]) == 0
+    run(lab / "recipe.yaml", tmp_path / "r")
     # base and `a` once each; `mix` (a - lam*b) at each of the three grid points.
     assert len(calls) == 2 + len(LAMS)
     rows = json.loads((tmp_path / "r" / "report.json").read_text())["results"]
@@ -148,3 +163,52 @@ def test_missing_ray_is_a_usage_error_naming_the_extra(lab: Path, tmp_path: Path
                    "--executor", "ray"])
     assert status == 2
     assert "pip install 'peftdsl[ray]'" in capsys.readouterr().err
+    with pytest.raises(peftdsl.UsageError, match=r"pip install 'peftdsl\[ray\]'"):  # the API raises what exits 2
+        run(lab / "recipe.yaml", tmp_path / "r", executor="ray")
+
+
+def test_ray_sweep_keeps_infinite_values(tmp_path: Path, ray_local):
+    """Rows come back from Ray workers as `Result` objects, so an infinite perplexity stays
+    infinite. (Through JSON it became null: select_best skipped the point and the table crashed.)"""
+    from rich.console import Console
+
+    from peftdsl.evaluation.report import print_table, select_best
+
+    save_tiny_llama_with_tokenizer(tmp_path / "base")
+    # A LoRA on lm_head scaled by 1e5: logits of ~1e5 (finite in float32), a mean NLL far past
+    # the ~709.8 where exp overflows, so the perplexity is exactly inf.
+    make_lora(tmp_path / "h", seed=3, targets=("lm_head",), init_scale=1.0)
+    (tmp_path / "data.txt").write_text("\n".join(TEXTS[:2]) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("""peftdsl: 1
+name: overflow
+base: base
+adapters: {h: h}
+params: {lam: 1}
+compose:
+  mix: lam * h
+eval:
+  - {name: ppl, models: [mix], metric: perplexity, data: data.txt}
+sweep:
+  lam: [0.5, 100000]
+  select: {eval: ppl, model: mix, goal: max}
+""")
+    there = run(recipe, tmp_path / "ray", executor="ray")
+    values = {r.params["lam"]: r.value for r in there.results}
+    assert sorted(values) == [0.5, 100000.0]
+    assert math.isfinite(values[0.5]) and values[100000.0] == math.inf
+    assert all(r.numeric for r in there.results)
+    here = run(recipe, tmp_path / "local")
+    assert there.results == here.results  # the local executor gives the same rows
+    # inf is the maximum; a null row would have been skipped and lam=0.5 selected
+    assert there.selected == select_best(list(there.results), "ppl", "mix", "max") == {"lam": 100000.0}
+    assert select_best(list(there.results), "ppl", "mix", "min") == {"lam": 0.5}
+    console = Console(record=True, width=120, color_system=None)
+    print_table(list(there.results), console, ["lam"])
+    assert any("100000" in line and "inf" in line for line in console.export_text().splitlines())
+    document = json.loads((tmp_path / "ray" / "report.json").read_text())  # JSON has no inf: null
+    assert document["selected"] == {"lam": 100000.0}
+    assert [r["value"] for r in document["results"]] == [pytest.approx(values[0.5]), None]
+    markdown = (tmp_path / "ray" / "report.md").read_text()
+    assert "| 100000 | mix | inf |" in markdown and "Selected: lam=100000" in markdown
+    assert (tmp_path / "ray" / "ppl-vs-lam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
