@@ -175,7 +175,7 @@ class Session:
             raise _fail(self.sink) from None
         except merge.PickledWeights as err:
             self._pickled_base(err)
-        except (OSError, OutputError) as err:
+        except (OSError, OutputError, InputDataError) as err:
             self.sink.emit("R601", f"writing `{out.name}` failed: {getattr(err, 'strerror', None) or err}",
                            out.span, help="nothing was left half-written at the output path")
             raise _fail(self.sink) from None

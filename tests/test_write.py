@@ -26,6 +26,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from peftdsl.errors import InputDataError, OutputError
 from peftdsl.outputs import atomic
 from peftdsl.outputs import merge
 from peftdsl.evaluation.apply import IA3Delta, LoraDelta
@@ -221,7 +222,7 @@ def test_ia3_refuses_names_peft_would_misclassify():
         "mlp.proj": IA3Delta(l=torch.ones(1, 4), feedforward=True),
         "attn.mlp.proj": IA3Delta(l=torch.ones(4, 1), feedforward=False),  # ends with "mlp.proj"
     }
-    with pytest.raises(ValueError, match="feed-forward"):
+    with pytest.raises(OutputError, match="feed-forward"):
         ia3_adapter_files(vectors, template={}, dtype=torch.float32)
 
 
@@ -391,7 +392,7 @@ def test_merged_refuses_pickle_unless_allowed(tmp_path, llama_base):
 
 def test_merged_refuses_deltas_for_missing_tensors(tmp_path, llama_base):
     transform = merge_transform({"model.layers.9.mlp.up_proj": LoraDelta(A=torch.ones(1, 64), B=torch.ones(128, 1))})
-    with pytest.raises(KeyError, match="model.layers.9.mlp.up_proj.weight"):
+    with pytest.raises(InputDataError, match="model.layers.9.mlp.up_proj.weight"):
         write_merged(tmp_path / "merged", base_dir=llama_base, transform=transform, force=False)
     assert not (tmp_path / "merged").exists() and siblings(tmp_path / "merged") == []
 
@@ -504,3 +505,26 @@ def test_a_killed_run_leaves_no_output_and_its_temp_is_cleaned(tmp_path):
     with atomic_output(target, force=False) as tmp:
         (tmp / "done.txt").write_text("done")
     assert files_bytes(target) == {"done.txt": b"done"} and siblings(target) == []
+
+
+def test_merged_float64_base_keeps_every_bit(tmp_path):
+    """A float64 base is merged in float64: untouched tensors come back bit for bit, and a
+    changed one equals W + B·A computed in float64 (no round trip through float32)."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"layer.weight": torch.randn(8, 6, generator=generator, dtype=torch.float64) / 3,
+               "other.weight": torch.randn(5, generator=generator, dtype=torch.float64) / 7}
+    save_file(tensors, str(base / "model.safetensors"))
+    (base / "config.json").write_text('{"model_type": "llama", "vocab_size": 32}')
+    A = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    B = torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    transform = merge_transform({"layer": LoraDelta(A=A, B=B)})
+    write_merged(tmp_path / "merged", base_dir=base, transform=transform, force=False)
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    [shard] = set(index["weight_map"].values())
+    out = load_file(str(tmp_path / "merged" / shard))
+    assert out["other.weight"].dtype == torch.float64 and torch.equal(out["other.weight"], tensors["other.weight"])
+    torch.testing.assert_close(out["layer.weight"], tensors["layer.weight"] + B @ A, rtol=0, atol=1e-15)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from peftdsl import inputs
+from peftdsl.errors import InputDataError
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
 from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
 from peftdsl.runtime.fold import Delta, DenseDelta, changes_bias, fold_bias, fold_weight
@@ -160,12 +161,12 @@ def _read_entries(source: Path) -> list[TensorEntry]:
 def _load_pickle(source: Path) -> dict[str, torch.Tensor]:
     """Only called once the user allowed pickle: :func:`peftdsl.inputs.load_pickled` (weights_only, mmap).
 
-    Its refusal (InputError) becomes a ValueError, which the merge's callers report.
+    Its refusal (InputError) becomes an InputDataError, which the merge's callers report.
     """
     try:
         return inputs.load_pickled(source)
     except inputs.InputError as err:
-        raise ValueError(err.message) from err
+        raise InputDataError(err.message) from err
 
 
 @contextlib.contextmanager
@@ -245,13 +246,14 @@ def _merged_tensor(
     """
     if not tensor.is_floating_point():
         return tensor.contiguous()
-    current = tensor.to(torch.float32)
+    compute = torch.promote_types(tensor.dtype, torch.float32)  # float64 bases stay float64
+    current = tensor.to(compute)
     for name in names:
         changed = transform(name, current)
         if changed is not None:
             if tuple(changed.shape) != entry.shape:
                 raise ValueError(f"transform changed the shape of `{name}`: {entry.shape} -> {tuple(changed.shape)}")
-            current = changed.to(torch.float32)
+            current = changed.to(compute)
     return current.to(dtype or entry.dtype).contiguous()
 
 
@@ -327,7 +329,7 @@ def _check_expected(expect: Collection[str], stored: set[str], groups: Mapping[s
     reachable = stored | {name for names in groups.values() for name in names}
     missing = sorted(set(expect) - reachable)
     if missing:
-        raise KeyError(f"the base model has no tensor named {', '.join(f'`{name}`' for name in missing)}")
+        raise InputDataError(f"the base model has no tensor named {', '.join(f'`{name}`' for name in missing)}")
 
 
 def _write_shards(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from peftdsl.errors import OutputError
 from peftdsl.outputs.atomic import atomic_output, json_bytes, save_file
 from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype
 
@@ -188,7 +189,7 @@ def _check_feedforward_exact(targets: list[str], feedforward: list[str]) -> None
     for name in targets:
         matched = any(name.endswith(ff) for ff in feedforward)
         if matched != (name in feedforward):
-            raise ValueError(f"module `{name}` would be taken for a feed-forward module by PEFT's suffix match")
+            raise OutputError(f"module `{name}` would be taken for a feed-forward module by PEFT's suffix match")
 
 
 def write_adapter(
