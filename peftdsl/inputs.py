@@ -40,6 +40,15 @@ _NONLINEAR_FLAGS = {
 }
 SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
 
+# `init_lora_weights` values whose initialisation rewrites the base weight when PEFT loads
+# the adapter (PiSSA and its `pissa_niter_*` variants, CorDA, OLoRA: W − B₀A₀; LoftQ: a
+# quantised residual; LoRA-GA: gradient-based). An adapter saved without conversion holds
+# factors relative to that rewritten base, so its ΔW against the real base is not s·B·A.
+# PEFT's `save_pretrained(..., path_initial_model_for_weight_conversion=...)` converts
+# one into a plain LoRA (and records `init_lora_weights: true`). The others (gaussian,
+# eva, orthogonal, mica, true/false) leave the base untouched.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
@@ -259,6 +268,8 @@ def describe_adapter(name: str, config: dict, tensors: Mapping[str, TensorInfo],
             raise InputError("I303", f"adapter `{name}` uses `{flag}`: {reason}",
                              "composing it would silently give a wrong result")
     kind = SUPPORTED_TYPES[peft_type]
+    if kind is ir.Kind.LORA:
+        _check_init(name, config.get("init_lora_weights"))
     modules = _lora_modules(name, config, tensors) if kind is ir.Kind.LORA else _ia3_modules(name, config, tensors)
     full = sorted(k for k in tensors if not _is_factor(k) and not k.endswith(".base_layer.weight"))
     if full:  # modules_to_save and the like: replacements, not deltas
@@ -313,6 +324,17 @@ def load_pickled(path: Path) -> dict:
 _TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
                  "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32",
                  "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _check_init(name: str, init: object) -> None:
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise InputError(
+            "I303", f"adapter `{name}` was initialised with `init_lora_weights: {init}`, which rewrites the base "
+            "weights when PEFT loads it: its factors are not a delta on the base",
+            "LoftQ factors belong to their quantised base: merge the adapter there, outside peftdsl"
+            if init.lower().startswith("loftq") else
+            "save it converted to a plain LoRA: `model.save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=<the adapter saved before training>)`")
 
 
 def read_pickled_shapes(path: Path) -> dict[str, TensorInfo]:
