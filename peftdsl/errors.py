@@ -50,5 +50,15 @@ class EvalDataError(PeftdslError):
     """The evaluation data is unusable (missing field, unknown label, …)."""
 
 
+class UntrainedWeights(PeftdslError):
+    """The model class evaluation needs would get weights the checkpoint lacks (a missing head)."""
+
+    def __init__(self, model_class: str, missing: Sequence[str]):
+        self.model_class, self.missing = model_class, list(missing)
+        shown = ", ".join(f"`{name}`" for name in self.missing[:4]) + (" …" if len(self.missing) > 4 else "")
+        super().__init__(f"loaded as {model_class}, the base would get {len(self.missing)} newly initialised "
+                         f"weight(s) that its checkpoint lacks: {shown}")
+
+
 class InternalError(Exception):
     """A broken invariant inside peftdsl: a bug, never the user's input (so not a PeftdslError)."""

@@ -23,7 +23,14 @@ from pathlib import Path
 from peftdsl import __version__, ir
 from peftdsl.compiler import Analysis, sweep_points
 from peftdsl.diagnostics import Diagnostic, Sink
-from peftdsl.errors import EvalDataError, InputDataError, OutputError, RecipeError, UsageError
+from peftdsl.errors import (
+    EvalDataError,
+    InputDataError,
+    OutputError,
+    RecipeError,
+    UntrainedWeights,
+    UsageError,
+)
 from peftdsl.lock import sha256_file
 from peftdsl.lower import adapter_leaves, group_rank, lower, planned_peak
 from peftdsl.numbers import show_point
@@ -470,6 +477,11 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
                 results.extend(evaluate_point(point, job, lambda name, p=point: session.deltas(name, p), cache))
     except PickledWeights as err:
         session._pickled_base(err)
+    except UntrainedWeights as err:
+        sink.emit("E501", f"cannot evaluate on base `{recipe.base}`: {err}", recipe.base_span,
+                  help="evaluate on a checkpoint that has the head the metric needs (a causal LM head here); "
+                  "random weights would give a different number on every run")
+        raise _fail(sink) from None
     except EvalDataError as err:
         failing = next((t for t in evals if t.data.name in str(err)), evals[0])  # its message names the file
         sink.emit("E501", f"evaluation data: {err}", failing.span)

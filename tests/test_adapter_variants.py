@@ -80,3 +80,25 @@ def test_inits_that_leave_the_base_alone_compose(base: Path, tmp_path: Path):
     recipe = peftdsl.loads(f"peftdsl: 1\nbase: {base}\nadapters: {{a: {tmp_path / 'g'}}}\ncompose: {{x: -a}}\n",
                            root=tmp_path)
     assert recipe.errors == []
+
+
+def test_evaluating_a_base_without_the_head_the_metric_needs_is_an_error(tmp_path: Path):
+    """A BERT encoder loaded for perplexity would get a random LM head: a different number every run."""
+    from transformers import BertConfig, BertModel
+
+    from tests.factories import tiny_tokenizer
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert)
+    tiny_tokenizer().save_pretrained(bert)
+    (tmp_path / "text.txt").write_text("the cat sat on the mat\nthe dog ran\n")
+    recipe = peftdsl.loads(f"peftdsl: 1\nbase: {bert}\neval:\n  - name: ppl\n    models: [base]\n"
+                           "    metric: perplexity\n    data: text.txt\n", root=tmp_path)
+    recipe.raise_for_errors()
+    with pytest.raises(peftdsl.RecipeError) as caught:
+        recipe.run(report=tmp_path / "report")
+    [error] = [d for d in caught.value.diagnostics if d.severity is peftdsl.Severity.ERROR]
+    assert error.code == "E501" and "BertLMHeadModel" in error.message
+    assert "`cls.predictions." in error.message and "newly initialised" in error.message
+    assert not (tmp_path / "report" / "report.json").exists()

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict
 
-from peftdsl.errors import EvalDataError
+from peftdsl.errors import EvalDataError, UntrainedWeights
 from peftdsl.evaluation.apply import Delta, applied
 from peftdsl.schema import METRICS, EvalOptions, Metric  # noqa: F401 - METRICS is re-exported
 from peftdsl.progress import progress
@@ -496,5 +496,14 @@ def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None
 
     hf_logging.disable_progress_bar()  # peftdsl draws its own progress; one bar per load is noise
     torch_dtype = getattr(torch, dtype) if dtype else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is ours to give, as a diagnostic
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Weights the checkpoint lacks are drawn at random: a metric of them is noise, not a result.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UntrainedWeights(type(model).__name__, missing)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
