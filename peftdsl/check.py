@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from peftdsl import ir
+from peftdsl import ir, tasks
 from peftdsl.diagnostics import Label, Severity, Sink
 from peftdsl.operators import OPERATORS
 from peftdsl.inputs import (
@@ -596,6 +596,15 @@ def _check_outputs(analysis: Analysis, sink: Sink) -> None:
 
 def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
     recipe = analysis.recipe
+    task = analysis.task
+    for target in recipe.evals:
+        if target.metric not in tasks.metrics(task):
+            offered = ", ".join(f"`{m}`" for m in tasks.metrics(task)) or "none yet"
+            sink.emit("E501", f"eval `{target.name}` asks for `{target.metric}`, which a {task} model has no "
+                      "evaluation for", target.span, help=f"metrics for {task} models: {offered}")
+        elif task == tasks.SEQ_2_SEQ_LM and target.metric == "perplexity" and target.data.suffix == ".txt":
+            sink.emit("E501", f"seq2seq perplexity scores a target given an input: eval `{target.name}` needs "
+                      ".jsonl rows, not .txt", target.span, help="rows like {\"input\": …, \"target\": …}")
     dtypes = {dict(t.options).get("dtype") for t in recipe.evals} - {None}
     if len(dtypes) > 1:  # the base is loaded once per run, in one dtype
         sink.emit("E501", f"eval entries ask for different dtypes ({', '.join(sorted(dtypes))}), but the base "

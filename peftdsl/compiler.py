@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftdsl import build, canonical, check, ir
+from peftdsl import build, canonical, check, ir, tasks
 from peftdsl.diagnostics import Sink
 from peftdsl.inputs import AdapterInfo, BaseInfo
 from peftdsl.numbers import show_point
@@ -42,6 +42,13 @@ class Analysis:
     canonical: Mapping[str, ir.Combination]
     params: Mapping[str, float]  # every param's value for these canonical forms
     overrides: Mapping[str, float] = field(default_factory=dict)  # `--set` values: they pin the sweep
+
+    @property
+    def task(self) -> str:
+        """What kind of model the recipe's base and adapters are (peftdsl.tasks): it picks the
+        class evaluation loads and the metrics it can compute."""
+        return tasks.model_task((info.task_type for info in self.adapters.values()),
+                                self.base.config if self.base else None)
 
     def at(self, params: Mapping[str, float]) -> Analysis:
         """The same recipe with its forms canonicalised at `params` (a sweep point, say)."""

@@ -54,7 +54,10 @@ class EvalOptions(_Strict):
     label_field: str = "label"
     choices_field: str = "choices"
     answer_field: str = "answer"
-    labels: dict[str, str] | None = Field(None, description="label -> verbalizer, for accuracy")
+    labels: dict[str, str | int] | None = Field(
+        None, description="accuracy: label -> verbalizer (language models) or class index (classifiers)")
+    input_field: str = Field("input", description="seq2seq: the encoder's input (perplexity, generate)")
+    target_field: str = Field("target", description="seq2seq: the text to score given the input (perplexity)")
     max_new_tokens: PositiveInt = 32
     do_sample: bool = False
     temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="sampling temperature (with do_sample)")

@@ -51,6 +51,7 @@ from pydantic import ConfigDict
 from peftdsl.errors import EvalDataError, UntrainedWeights
 from peftdsl.evaluation.apply import Delta, applied
 from peftdsl.schema import METRICS, EvalOptions, Metric  # noqa: F401 - METRICS is re-exported
+from peftdsl import tasks
 from peftdsl.progress import progress
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class EvalSpec(EvalOptions):
     data: Path
     models: tuple[str, ...] = ("base",)
     seed: int = 0  # the recipe's: seeds sampling
+    task: str = tasks.CAUSAL_LM  # the model's kind (peftdsl.tasks): which metric implementation runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +93,19 @@ def load_data(spec: EvalSpec) -> list[Any]:
         if path.suffix != ".jsonl":
             raise EvalDataError(f"{path}: accuracy needs a .jsonl file")
         return _read_jsonl(path, spec.limit)
+    seq2seq = spec.task == tasks.SEQ_2_SEQ_LM
+    if seq2seq and spec.metric == "perplexity":
+        if path.suffix != ".jsonl":
+            raise EvalDataError(f"{path}: seq2seq perplexity needs a .jsonl file of `{spec.input_field}` and "
+                                f"`{spec.target_field}` rows")
+        return [(_field(row, spec.input_field, path, i, str), _field(row, spec.target_field, path, i, str))
+                for i, row in _read_jsonl(path, spec.limit)]
     if path.suffix == ".txt":
         return _read_txt(path, spec.limit)
     if path.suffix == ".jsonl":
         rows = _read_jsonl(path, spec.limit)
-        return [_field(row, spec.text_field, path, i, str) for i, row in rows]
+        field = spec.input_field if seq2seq else spec.text_field
+        return [_field(row, field, path, i, str) for i, row in rows]
     raise EvalDataError(f"{path}: expected a .txt or .jsonl file")
 
 
@@ -431,6 +441,8 @@ def run_eval(
     files once; it is read here when omitted.
     """
     data = load_data(spec) if data is None else data
+    if spec.task != tasks.CAUSAL_LM:
+        return _run_task_eval(model, tokenizer, spec, data, quiet)
     common = {"max_length": spec.max_length, "device": device, "quiet": quiet}
     if spec.metric == "perplexity":
         return _perplexity(model, tokenizer, data, batch_size=spec.batch_size, **common)
@@ -449,6 +461,29 @@ def run_eval(
         seed=spec.seed,
         **common,
     )
+    return EvalOutcome(texts, {"prompts": list(data)})
+
+
+def _run_task_eval(model, tokenizer, spec: EvalSpec, data: list, quiet: bool) -> EvalOutcome:
+    """Seq2seq and classification models (peftdsl.evaluation.task_metrics)."""
+    from peftdsl.evaluation import task_metrics
+
+    path = Path(spec.data)
+    if spec.task == tasks.SEQ_CLS and spec.metric == "accuracy":
+        return task_metrics.classification_accuracy(
+            model, tokenizer, data, labels=spec.labels, text_field=spec.text_field, label_field=spec.label_field,
+            path=path, batch_size=spec.batch_size, max_length=spec.max_length, quiet=quiet)
+    if spec.task != tasks.SEQ_2_SEQ_LM:
+        raise EvalDataError(f"a {spec.task} model has no `{spec.metric}` evaluation")
+    if spec.metric == "perplexity":
+        return task_metrics.seq2seq_perplexity(model, tokenizer, data, batch_size=spec.batch_size, quiet=quiet)
+    if spec.metric == "accuracy":
+        fields = (spec.text_field, spec.label_field, spec.choices_field, spec.answer_field)
+        questions = _questions(data, spec.labels, fields, path)
+        return task_metrics.seq2seq_accuracy(model, tokenizer, questions, batch_size=spec.batch_size, quiet=quiet)
+    texts = task_metrics.seq2seq_generate(model, tokenizer, data, max_new_tokens=spec.max_new_tokens,
+                                          do_sample=spec.do_sample, temperature=spec.temperature, top_p=spec.top_p,
+                                          seed=spec.seed, quiet=quiet)
     return EvalOutcome(texts, {"prompts": list(data)})
 
 
@@ -488,10 +523,13 @@ def evaluate_models(
     ]
 
 
-def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """The base model (in eval mode, on ``device``, optionally bfloat16) and its tokenizer."""
+def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None,
+              task: str = tasks.CAUSAL_LM) -> tuple[torch.nn.Module, Any]:
+    """The base model as its task's Auto class (in eval mode, on ``device``, optionally
+    bfloat16) and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # peftdsl draws its own progress; one bar per load is noise
@@ -499,7 +537,8 @@ def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is ours to give, as a diagnostic
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+        model_class = getattr(transformers, tasks.auto_class(task))
+        model, info = model_class.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     # Weights the checkpoint lacks are drawn at random: a metric of them is noise, not a result.

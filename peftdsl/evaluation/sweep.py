@@ -32,10 +32,11 @@ class PointJob:
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(path: str, device: str, dtype: str | None):
+def _base_model(path: str, device: str, dtype: str | None, task: str):
     from peftdsl.evaluation.evaluate import load_base
 
-    return load_base(path, device=device, dtype=dtype)
+    return load_base(path, device=device, dtype=dtype, task=task)
+
 
 
 def eval_dtype(evals) -> str | None:
@@ -56,7 +57,8 @@ def evaluate_point(analysis, job: PointJob, compute_deltas, cache: dict | None =
 
     recipe = analysis.recipe
     cache = {} if cache is None else cache
-    specs = [EvalSpec(name=t.name, metric=t.metric, data=t.data, models=t.models, seed=recipe.seed,
+    task = analysis.task
+    specs = [EvalSpec(name=t.name, metric=t.metric, data=t.data, models=t.models, seed=recipe.seed, task=task,
                       **{k: v for k, v in t.options if k != "dtype"}) for t in recipe.evals]
     form = {m: analysis.canonical.get(m, m) for spec in specs for m in spec.models}
     todo = [spec.model_copy(update={"models": missing}) for spec in specs
@@ -66,7 +68,7 @@ def evaluate_point(analysis, job: PointJob, compute_deltas, cache: dict | None =
         deltas = {m: compute_deltas(m) for m in models}
         base = recipe.base_path or (analysis.base.path if analysis.base else Path(recipe.base))
         base_weight_files(base, allow_pickle=job.allow_pickle)  # a pickled base needs --allow-pickle here too
-        model, tokenizer = _base_model(str(base), job.device, eval_dtype(recipe.evals))
+        model, tokenizer = _base_model(str(base), job.device, eval_dtype(recipe.evals), task)
         with warnings.catch_warnings():  # the front end said so already, as I313, at the adapter
             warnings.simplefilter("ignore", TiedWeightWarning)
             rows = evaluate_models(model, tokenizer, todo, deltas, device=job.device, quiet=job.quiet)

@@ -1,0 +1,52 @@
+"""Which kind of model a recipe's base is (DESIGN §4, model classes), and what it can be evaluated on.
+
+The task follows the adapters' `task_type`, else the base's `architectures` (or
+`is_encoder_decoder`): it picks the transformers Auto class that evaluation loads and
+the metrics that make sense for it. Torch-free: `lint` checks an eval's metric against
+the task before any weight is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS = (
+    "CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+# task -> (transformers Auto class, the metrics evaluation computes for it)
+TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    CAUSAL_LM: ("AutoModelForCausalLM", ("perplexity", "accuracy", "generate")),
+    SEQ_2_SEQ_LM: ("AutoModelForSeq2SeqLM", ("perplexity", "accuracy", "generate")),
+    SEQ_CLS: ("AutoModelForSequenceClassification", ("accuracy",)),
+    TOKEN_CLS: ("AutoModelForTokenClassification", ()),
+    QUESTION_ANS: ("AutoModelForQuestionAnswering", ()),
+}
+
+_ARCHITECTURE_SUFFIXES = (
+    ("ForSequenceClassification", SEQ_CLS),
+    ("ForTokenClassification", TOKEN_CLS),
+    ("ForQuestionAnswering", QUESTION_ANS),
+    ("ForCausalLM", CAUSAL_LM),
+)
+
+
+def model_task(task_types: Iterable[str | None], base_config: Mapping | None) -> str:
+    """The task of the models a recipe evaluates: the adapters' `task_type` when they give
+    one PEFT knows, else what the base's config says, else a causal LM."""
+    declared = sorted({t for t in task_types if t in TASKS})
+    if declared:
+        return declared[0]
+    config = base_config or {}
+    for architecture in config.get("architectures") or ():
+        for suffix, task in _ARCHITECTURE_SUFFIXES:
+            if str(architecture).endswith(suffix):
+                return task
+    return SEQ_2_SEQ_LM if config.get("is_encoder_decoder") else CAUSAL_LM
+
+
+def auto_class(task: str) -> str:
+    return TASKS[task][0]
+
+
+def metrics(task: str) -> tuple[str, ...]:
+    return TASKS[task][1]
