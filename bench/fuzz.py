@@ -114,9 +114,14 @@ def build_workspace(root: Path, fixtures: Path | None = None) -> Workspace:
 
 # ----------------------------------------------------------------------- mutations
 
-GRAMMAR_TOKENS = ["+", "-", "*", "/", "(", ")", ",", "=", "svd", "pem", "peft_linear", "ties", "dare_linear",
-                  "dare_ties", "magnitude_prune", "rank", "density", "majority", "clamp", "base", "chat",
-                  "toxic", "lam", "0", "1", "-1", "0.5", "1e-3", "1e400", "1e-400", ".5", "5.", "1_000",
+def _operator_tokens() -> list[str]:
+    """Operator and keyword names, from the registry (the one list of them)."""
+    from peftdsl.operators import OPERATORS
+
+    return [*OPERATORS, *sorted({k.name for op in OPERATORS.values() for k in op.keywords})]
+
+
+GRAMMAR_TOKENS = ["+", "-", "*", "/", "(", ")", ",", "=", *_operator_tokens(), "base", "chat", "toxic", "lam", "0", "1", "-1", "0.5", "1e-3", "1e400", "1e-400", ".5", "5.", "1_000",
                   '"total"', "'frequency'", '"', "'", "x" * 40, "_", "nan", "inf", "2**8"]
 YAML_TOKENS = [":", ": ", "- ", "-", "[", "]", "{", "}", ",", "?", "&a", "*a", "!!str", "!!int", "!!float",
                "!!binary", "!!timestamp", "!!set", "!!omap", "!!python/object/apply:os.system", "!custom",

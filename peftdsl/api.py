@@ -1,4 +1,4 @@
-"""The Python API (DESIGN §7): everything `peftdsl run` does, as library calls.
+"""The Python API (docs/api.md): everything `peftdsl run` does, as library calls.
 
     recipe = peftdsl.load("detox.yaml", params={"lam": 0.3})
     recipe.raise_for_errors()
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +29,7 @@ from peftdsl.compiler import Analysis, Options, analyse_recipe
 from peftdsl.console import check_sets
 from peftdsl.diagnostics import Diagnostic, Severity, Sink
 from peftdsl.errors import RecipeError, UsageError
+from peftdsl.schema import NAME_PATTERN
 from peftdsl.spans import SourceFile, Span
 
 if TYPE_CHECKING:
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from peftdsl.runner import RunOptions, RunResult
 
 IN_MEMORY = "<in memory>"  # the location shown for a source given in memory
+_NAME = re.compile(NAME_PATTERN)
 
 
 def load(path: str | Path, *, params: Mapping[str, float] | None = None,
@@ -64,11 +69,21 @@ def _compile(source: SourceFile, params, adapters, allow_pickle: bool) -> Recipe
     analysis = None
     if recipe is not None:
         recipe, given = _given_sources(recipe, adapters or {}, sink)
-        overrides = tuple((str(k), float(v)) for k, v in (params or {}).items())
+        overrides = _numbers(params)
         check_sets(recipe, overrides)
         analysis = analyse_recipe(recipe, sink, Options(use_files=True, allow_pickle=allow_pickle,
                                                         overrides=overrides, given=given))
     return Recipe(analysis, sink.items, allow_pickle=allow_pickle, source=source)
+
+
+def _numbers(params: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
+    """`params` as (name, float) pairs; a value that is not a finite real number is a UsageError."""
+    out = []
+    for name, value in (params or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"params[{name!r}] must be a finite number, not {value!r}")
+        out.append((str(name), float(value)))
+    return tuple(out)
 
 
 def _given_sources(recipe: ir.Recipe, adapters: Mapping[str, Any], sink: Sink):
@@ -81,6 +96,8 @@ def _given_sources(recipe: ir.Recipe, adapters: Mapping[str, Any], sink: Sink):
     given, added = {}, []
     start = Span(recipe.span.source, 0, 0)
     for name, source in adapters.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise UsageError(f"adapters: {name!r} is not a name a recipe can use ([A-Za-z_][A-Za-z0-9_]*)")
         declared = recipe.adapter(name)
         if declared is None:
             if name in build.RESERVED or any(c.name == name for c in recipe.compose) or recipe.param(name):
@@ -89,8 +106,10 @@ def _given_sources(recipe: ir.Recipe, adapters: Mapping[str, Any], sink: Sink):
         try:
             given[name] = adapter_from_memory(name, source)
         except InputError as err:
-            span = declared.span if declared else start
-            sink.emit(err.code, err.message, span, help=err.help)
+            given[name] = None  # refused: the recipe's path for it is not read instead
+            span = declared.name_span if declared else start
+            sink.emit(err.code, err.message.replace("`adapter_model.safetensors`", "its state dict"), span,
+                      help=err.help)
     if added:
         recipe = dataclasses.replace(recipe, adapters=recipe.adapters + tuple(added))
     return recipe, given
@@ -142,10 +161,18 @@ class Recipe:
         self.raise_for_errors()
         analysis = self._analysis
         if params:
-            check_sets(analysis.recipe, tuple(params.items()))
-            analysis = analysis.at({k: float(v) for k, v in params.items()})
+            overrides = _numbers(params)
+            check_sets(analysis.recipe, overrides)
+            sink = Sink()
+            analysis = analysis.at(dict(overrides), sink)
+            if name not in analysis.canonical and sink.has_errors():  # it does not compute at these params
+                raise RecipeError(sink.items)
         self._form(analysis, name)
-        return Composition(self, analysis, name, device)
+        if not analysis.canonical[name].terms:
+            raise UsageError(f"`{name}` is zero at these params: there is nothing to compose")
+        from peftdsl.runtime.execute import pick_device
+
+        return Composition(self, analysis, name, pick_device(device))
 
     def run(self, *, only: Sequence[str] = (), device: str = "auto", force: bool = False,
             no_eval: bool = False, report: str | Path | None = None, executor: str = "local",
@@ -216,16 +243,36 @@ class Composition:
     def deltas(self) -> dict[str, torch.Tensor]:
         """{module name: ΔW} in each base weight's own layout (out×in for Linear, in×out for
         GPT-2's Conv1D, vocab×dim for embeddings), float32 on the CPU; (IA)³: the vectors l."""
-        return {name: _weight_frame(delta) for name, delta in self._module_deltas().items()}
+        return {name: _weight_frame(delta).clone() for name, delta in self._module_deltas().items()}
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the composition where `path` says, exactly as `peftdsl run` writes the recipe's
-        output of this name (merged if that output says `merge: true`), atomically."""
-        declared = next((o for o in self._analysis.recipe.outputs if o.name == self.name), None)
+        output of this name (merged if that output says `merge: true`), atomically.
+
+        It is written at the composition's params; a sweep's `run` writes at the point it
+        selected, so pass `compose(name, params=result.selected)` to save that one.
+        `force` replaces an earlier peftdsl output only, never another folder or an input.
+        """
+        from peftdsl import check
+        from peftdsl.runner import replaceable
+
+        analysis = self._analysis
+        declared = next((o for o in analysis.recipe.outputs if o.name == self.name), None)
         target = Path(path).resolve()
+        span = declared.span if declared else analysis.recipe.span
         out = (dataclasses.replace(declared, path=target) if declared is not None
-               else ir.Output(name=self.name, path=target, span=self._analysis.recipe.span,
-                              name_span=self._analysis.recipe.span))
+               else ir.Output(name=self.name, path=target, span=span, name_span=span))
+        sink = Sink()
+        checked = dataclasses.replace(analysis, recipe=dataclasses.replace(analysis.recipe, outputs=(out,)))
+        check.check_output_paths(checked.recipe, sink)
+        check.check_outputs(checked, sink)
+        if sink.has_errors():
+            raise RecipeError(sink.items)
+        if target.exists() and not force:
+            raise UsageError(f"`{target}` already exists: save(..., force=True) replaces an earlier peftdsl output")
+        if target.exists() and not replaceable(target):
+            raise UsageError(f"`{target}` was not written by peftdsl (it holds no peftdsl.json): "
+                             "save() never replaces it, even with force=True")
         with self._session() as session:
             session.verify_pins()
             if session.sink.has_errors():
@@ -239,8 +286,22 @@ class Composition:
         the block; every parameter comes back bit for bit afterwards, even on an exception."""
         from peftdsl.evaluation.apply import applied
 
-        with applied(model, self._module_deltas()) as patched:
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            raise UsageError("applied() patches the base model itself: pass `peft_model.get_base_model()` "
+                             "(or a model loaded with transformers), not a PeftModel")
+        patching = applied(model, self._module_deltas())
+        try:  # the patches are computed (and checked) before any weight changes
+            patched = patching.__enter__()
+        except (KeyError, ValueError, AttributeError) as err:
+            message = err.args[0] if err.args else err
+            raise UsageError(f"this model does not fit the recipe's base: {message}") from None
+        try:
             yield patched
+        except BaseException:
+            if not patching.__exit__(*sys.exc_info()):
+                raise
+        else:
+            patching.__exit__(None, None, None)
 
 
 def _weight_frame(delta) -> torch.Tensor:

@@ -4,7 +4,7 @@ Scalars fold (params included, after `--set` and sweep values), like terms colle
 (`a + a` → `2·a`), compositions inline into the ones that use them, and terms whose
 weight is zero are dropped with a warning. Function calls become leaves
 (`OpLeaf`) over the canonical form of their argument, so equal calls are one leaf.
-Semantics (DESIGN §2) are defined on this form.
+Semantics (docs/recipes.md) are defined on this form.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage 5: resolve names, read input metadata, and type-check, before any weight is read.
 
 Every check appends to the sink and goes on, so one lint run reports every error.
-Kinds follow DESIGN §2: `scalar`, `lora`, `ia3`, `dense`; `None` means "unknown"
+Kinds follow docs/recipes.md: `scalar`, `lora`, `ia3`, `dense`; `None` means "unknown"
 (an input that could not be read), which unifies with anything so that one bad
 input does not cascade into a screenful of errors.
 """
@@ -74,7 +74,7 @@ def resolve_names(recipe: ir.Recipe, sink: Sink) -> None:
                          available | {a.name for a in recipe.adapters} | {"base"},
                          "models are `base`, adapters or compositions")
     _check_eval_names(recipe, sink)
-    _check_output_paths(recipe, sink)
+    check_output_paths(recipe, sink)
     _check_sweep(recipe, sink, used)
     for item in (*recipe.adapters, *recipe.params):
         if item.name not in used and built_cleanly:
@@ -97,7 +97,7 @@ def _inside(path: Path, folder: Path) -> bool:
     return path != folder and path.is_relative_to(folder)
 
 
-def _check_output_paths(recipe: ir.Recipe, sink: Sink) -> None:
+def check_output_paths(recipe: ir.Recipe, sink: Sink) -> None:
     """No output may replace, hold or sit inside what the recipe reads, or another output."""
     inputs = [(f"adapter `{a.name}`", a.path) for a in recipe.adapters if a.path is not None]
     inputs += [("the base model", recipe.base_path)] if recipe.base_path is not None else []
@@ -188,7 +188,7 @@ class Inputs:
 
 
 def read_inputs(recipe: ir.Recipe, sink: Sink, *, use_files: bool, allow_pickle: bool = False,
-                given: Mapping[str, AdapterInfo] | None = None) -> Inputs:
+                given: Mapping[str, AdapterInfo | None] | None = None) -> Inputs:
     """Read adapters' and base's metadata; check declarations, base models and shapes.
 
     `given` holds sources passed in memory (the Python API): they stand for the recipe's
@@ -197,7 +197,8 @@ def read_inputs(recipe: ir.Recipe, sink: Sink, *, use_files: bool, allow_pickle:
     given = given or {}
     adapters: dict[str, AdapterInfo] = {}
     for adapter in recipe.adapters:
-        info = given.get(adapter.name) or _read_one(adapter, sink, use_files, allow_pickle)
+        # An in-memory source stands for the file even when it was refused (None): never read both.
+        info = given[adapter.name] if adapter.name in given else _read_one(adapter, sink, use_files, allow_pickle)
         if info is not None:
             adapters[adapter.name] = info
             _check_declared(adapter, info, sink)
@@ -521,7 +522,7 @@ def check_compositions(analysis: Analysis, sink: Sink, *, use_files: bool = True
     for name, comb in analysis.canonical.items():
         if comb.kind is Kind.IA3:
             _check_feedforward(analysis, comb, sink)
-    _check_outputs(analysis, sink)
+    check_outputs(analysis, sink)
     _check_evals(analysis, sink, use_files)
 
 
@@ -577,7 +578,7 @@ def _check_feedforward(analysis: Analysis, comb: ir.Combination, sink: Sink) -> 
                 return
 
 
-def _check_outputs(analysis: Analysis, sink: Sink) -> None:
+def check_outputs(analysis: Analysis, sink: Sink) -> None:
     recipe = analysis.recipe
     for out in recipe.outputs:
         comb = analysis.canonical.get(out.name)

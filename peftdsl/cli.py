@@ -1,4 +1,4 @@
-"""The command line: `peftdsl lint | explain | schema | run | lock` (DESIGN §5).
+"""The command line: `peftdsl lint | explain | schema | run | lock` (docs/recipes.md).
 
 Exit status: 0 success, 1 the recipe has errors or a run failed on its inputs,
 2 usage error. User errors are diagnostics, never tracebacks; anything else is

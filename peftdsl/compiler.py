@@ -50,10 +50,11 @@ class Analysis:
         return tasks.model_task((info.task_type for info in self.adapters.values()),
                                 self.base.config if self.base else None)
 
-    def at(self, params: Mapping[str, float]) -> Analysis:
-        """The same recipe with its forms canonicalised at `params` (a sweep point, say)."""
+    def at(self, params: Mapping[str, float], sink: Sink | None = None) -> Analysis:
+        """The same recipe with its forms canonicalised at `params` (a sweep point, say);
+        what canonicalising there finds (a division by zero, a cancellation) goes to `sink`."""
         values = {**self.params, **params}
-        forms = canonical.canonicalise(self.recipe, self.kinds, Sink(), values)
+        forms = canonical.canonicalise(self.recipe, self.kinds, sink if sink is not None else Sink(), values)
         return dataclasses.replace(self, canonical=forms, params=values)
 
 

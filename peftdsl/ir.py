@@ -18,7 +18,7 @@ from peftdsl.spans import Span
 
 
 class Kind(enum.Enum):
-    """The type of an expression (DESIGN §2, Types)."""
+    """The type of an expression (docs/recipes.md)."""
 
     SCALAR = "scalar"
     LORA = "lora"

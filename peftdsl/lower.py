@@ -193,7 +193,7 @@ def estimate(analysis: Analysis, task: Task, out_bytes: int = 4) -> Estimate:
 
 def planned_peak(analysis: Analysis, *, streamed: Iterable[str], held: Iterable[str],
                  with_base: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, str]:
-    """Peak bytes a run needs, and the composition that needs them (DESIGN §6 on streaming).
+    """Peak bytes a run needs, and the composition that needs them (docs/recipes.md).
 
     The executor holds one chunk at a time (at most its budget). A `streamed` task (a LoRA
     adapter output, written a chunk at a time) holds nothing more; a `held` one (merged and

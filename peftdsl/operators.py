@@ -1,4 +1,4 @@
-"""The operators of the expression language, as data (DESIGN §2): one row each.
+"""The operators of the expression language, as data (docs/recipes.md): one row each.
 
 A row is everything the compiler knows about a function — its keyword signature and
 argument checks, which kinds it takes and returns (its kind rule), the rank of its

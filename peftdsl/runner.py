@@ -1,4 +1,4 @@
-"""`Recipe.run` and `peftdsl run`: execute, write outputs, evaluate, sweep (DESIGN §3, §4).
+"""`Recipe.run` and `peftdsl run`: execute, write outputs, evaluate, sweep (docs/recipes.md).
 
 The front end has run already (`peftdsl.load`), and every user error is reported
 before any tensor is read: names, kinds, shapes, pins, existing outputs, memory.
@@ -257,7 +257,7 @@ class Session:
             "output": out.name,
             "kind": form.kind.value,
             "canonical": ir.combination_text(form),
-            "inputs": {n: {"path": recipe.adapter(n).location, "sha256": self.hashes.get(n)}
+            "inputs": {n: {"path": _location(recipe, self.analysis.adapters[n]), "sha256": self.hashes.get(n)}
                        for n in adapter_leaves(form)},
             "params": {k: params[k] for k in sorted(params)},
             "seed": recipe.seed,
@@ -265,6 +265,11 @@ class Session:
             "dtype": dtype,
             "merge": out.merge,
         }
+
+
+def _location(recipe: ir.Recipe, info) -> str:
+    """Where an input came from, for provenance: the recipe's path, or that it was given in memory."""
+    return "<in memory>" if info.state is not None else recipe.adapter(info.name).location
 
 
 # Which stored dtypes an output keeps; anything else (fp8, say) is written as float32.
@@ -355,13 +360,13 @@ def _check_outputs_free(analysis: Analysis, sink: Sink, options: RunOptions) -> 
         if exists and not options.force:
             sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                       help="pass --force to replace it")
-        elif exists and not _replaceable(out.path):
+        elif exists and not replaceable(out.path):
             sink.emit("R602", f"output `{out.name}` would replace `{out.path}`, which peftdsl did not write",
                       out.span, help="--force replaces earlier peftdsl outputs only (they hold "
                       "peftdsl.json); move that folder away yourself if it is meant to go")
 
 
-def _replaceable(path: Path) -> bool:
+def replaceable(path: Path) -> bool:
     """An earlier peftdsl output (it holds its provenance) or an empty folder."""
     return path.is_dir() and not path.is_symlink() and (
         (path / "peftdsl.json").is_file() or not any(path.iterdir()))
@@ -464,6 +469,9 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
                      allow_pickle=session.allow_pickle) for point in points]
     try:
         if options.executor == "ray":
+            if not _is_the_file(recipe):
+                raise UsageError("--executor ray rebuilds the recipe from its file on each worker, but this "
+                                 "recipe was given as text (or its file changed since): use peftdsl.load(path)")
             if any(info.state is not None for info in analysis.adapters.values()):
                 raise UsageError("--executor ray rebuilds the recipe from its files on each worker; "
                                  "save the in-memory adapters first")
@@ -496,6 +504,13 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
         selected = select_best(results, s.eval, s.model, s.goal)
         console.print("selected " + show_point(selected))
     return results, selected
+
+
+def _is_the_file(recipe: ir.Recipe) -> bool:
+    try:
+        return recipe.path.read_text(encoding="utf-8") == recipe.span.source.text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _report_dir(options: RunOptions, recipe: ir.Recipe) -> Path:

@@ -69,9 +69,9 @@ Metric = Literal["perplexity", "accuracy", "generate"]
 
 
 class EvalSpec(EvalOptions):
-    """One evaluation target (DESIGN §4)."""
+    """One evaluation target (docs/recipes.md)."""
 
-    # Eval names are labels, not expression names: `toxic-ppl` (DESIGN §1) is fine.
+    # Eval names are labels, not expression names: `toxic-ppl` (docs/recipes.md) is fine.
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
     models: list[str] = Field(min_length=1, description="adapters, compositions, or `base`")
     metric: Metric

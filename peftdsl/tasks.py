@@ -1,4 +1,4 @@
-"""Which kind of model a recipe's base is (DESIGN §4, model classes), and what it can be evaluated on.
+"""Which kind of model a recipe's base is (docs/recipes.md), and what it can be evaluated on.
 
 The task follows the adapters' `task_type`, else the base's `architectures` (or
 `is_encoder_decoder`): it picks the transformers Auto class that evaluation loads and

@@ -277,3 +277,77 @@ def test_public_names():
         "Severity", "UsageError", "__version__", "load", "loads"])
     for name in peftdsl.__all__:
         assert hasattr(peftdsl, name)
+
+
+# ---------------------------------------------------------------- review findings: bad calls are clear
+
+
+def test_save_never_replaces_what_peftdsl_did_not_write(lab: Path, tmp_path: Path):
+    recipe = peftdsl.load(write(lab, recipe_text(tmp_path / "out"), "guard.yaml"))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(peftdsl.UsageError, match="not written by peftdsl"):
+        recipe.compose("mix").save(precious, force=True)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    with pytest.raises(peftdsl.RecipeError) as caught:  # an input of the recipe
+        recipe.compose("mix").save(lab / "a", force=True)
+    assert [d.code for d in caught.value.diagnostics] == ["N210"]
+    first = recipe.compose("mix").save(tmp_path / "once")
+    with pytest.raises(peftdsl.UsageError, match=r"force=True"):
+        recipe.compose("mix").save(first)
+    assert recipe.compose("mix").save(first, force=True) == first
+
+
+def test_save_checks_what_an_output_would_be_checked_for(lab: Path, tmp_path: Path):
+    recipe = peftdsl.loads(f"peftdsl: 1\nbase: {lab / 'base'}\nadapters: {{a: {lab / 'a'}, b: {lab / 'b'}}}\n"
+                           "compose:\n  d: ties(a + b, density=0.5)\n", root=tmp_path)
+    with pytest.raises(peftdsl.RecipeError) as caught:
+        recipe.compose("d").save(tmp_path / "dense")
+    assert [d.code for d in caught.value.diagnostics] == ["T403"]
+    assert not (tmp_path / "dense").exists()
+
+
+def test_params_are_numbers_and_their_errors_are_diagnostics(lab: Path, tmp_path: Path):
+    recipe = peftdsl.loads(f"peftdsl: 1\nadapters: {{a: {lab / 'a'}}}\nparams: {{lam: 1}}\n"
+                           "compose:\n  x: a / lam\n  y: lam * a\n", root=tmp_path)
+    recipe.raise_for_errors()
+    with pytest.raises(peftdsl.UsageError, match="must be a finite number"):
+        recipe.compose("x", params={"lam": "0.5"})
+    with pytest.raises(peftdsl.UsageError, match="must be a finite number"):
+        peftdsl.loads("peftdsl: 1\nparams: {lam: 1}\n", root=tmp_path, params={"lam": float("nan")})
+    with pytest.raises(peftdsl.RecipeError) as caught:
+        recipe.compose("x", params={"lam": 0})
+    assert "T407" in {d.code for d in caught.value.diagnostics}
+    with pytest.raises(peftdsl.UsageError, match="zero at these params"):
+        recipe.compose("y", params={"lam": 0})
+
+
+def test_deltas_are_the_callers_to_change(lab: Path, tmp_path: Path):
+    recipe = peftdsl.load(write(lab, recipe_text(tmp_path), "clones.yaml"))
+    comp = recipe.compose("scaled")
+    first = comp.deltas()
+    for tensor in first.values():
+        tensor.zero_()
+    assert all(t.abs().sum() > 0 for t in comp.deltas().values())
+
+
+def test_applied_refuses_models_that_do_not_fit(lab: Path, tmp_path: Path):
+    recipe = peftdsl.load(write(lab, recipe_text(tmp_path), "fit.yaml"))
+    gpt2 = AutoModelForCausalLM.from_pretrained(lab / "gpt2")
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    with pytest.raises(peftdsl.UsageError, match="does not fit"), recipe.compose("mix").applied(gpt2):
+        pass
+    assert all(torch.equal(gpt2.state_dict()[k], v) for k, v in before.items())
+    peft_model = load_peft(lab / "base", {"a": lab / "a"})
+    with pytest.raises(peftdsl.UsageError, match="get_base_model"), recipe.compose("mix").applied(peft_model):
+        pass
+
+
+def test_ray_needs_a_recipe_file(lab: Path, tmp_path: Path):
+    text = recipe_text(tmp_path / "out") + (f"eval:\n  - name: p\n    models: [base]\n    metric: perplexity\n"
+                                             f"    data: {tmp_path / 'lines.txt'}\n")
+    (tmp_path / "lines.txt").write_text("the cat\n")
+    recipe = peftdsl.loads(text, root=lab)
+    with pytest.raises(peftdsl.UsageError, match="given as text"):
+        recipe.run(executor="ray", no_eval=False, only=["mix"])

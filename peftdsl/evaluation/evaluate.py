@@ -1,4 +1,4 @@
-"""Evaluation: the metrics of DESIGN §4 on a base model patched in memory.
+"""Evaluation: the metrics of docs/recipes.md on a base model patched in memory.
 
 The base model is loaded once; every model of a recipe (``base``, an adapter, a
 composition, a grid point of a sweep) is evaluated by entering
@@ -14,7 +14,7 @@ composition, a grid point of a sweep) is evaluated by entering
   the first candidate in order.
 - ``generate``: one continuation per prompt, greedy unless ``do_sample``.
 
-Data decisions where DESIGN is silent:
+Data decisions where the reference (docs/recipes.md) is silent:
 
 - ``.txt``: every line is one sequence, without its line terminator; lines that
   are empty or only whitespace are skipped (they carry no text to score, and a
@@ -232,7 +232,7 @@ def perplexity(
     device: torch.device | str | None = None,
     quiet: bool = True,
 ) -> float:
-    """exp(Σ token NLL / Σ predicted tokens) over ``texts`` (DESIGN §4)."""
+    """exp(Σ token NLL / Σ predicted tokens) over ``texts`` (docs/recipes.md)."""
     return _perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device, quiet=quiet).value
 
 

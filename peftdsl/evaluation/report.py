@@ -1,6 +1,6 @@
 """Evaluation reports: report.json, report.md, plots of a sweep, a terminal table.
 
-The JSON schema is DESIGN §4's::
+The JSON schema is docs/recipes.md's::
 
     {"recipe": "…", "results": [{"eval": …, "model": …, "metric": …,
       "value": …, "params": {…}}], "selected": {…} | null}
@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from peftdsl.numbers import show_point
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -98,8 +100,6 @@ def _format_value(value: float | list[str]) -> str:
     return f"{value:.6g}"
 
 
-def _format_params(params: Mapping[str, Any]) -> str:
-    return ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
 
 
 def table_rows(results: Sequence[Result], swept_params: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
@@ -130,12 +130,12 @@ def report_markdown(
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines.extend("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows)
     if selected is not None:
-        lines += ["", f"Selected: {_format_params(selected)}"]
+        lines += ["", f"Selected: {show_point(selected)}"]
     generations = [r for r in results if isinstance(r.value, list)]
     if generations:
         lines += ["", "## Generations"]
     for result in generations:
-        suffix = f" ({_format_params(result.params)})" if result.params else ""
+        suffix = f" ({show_point(result.params)})" if result.params else ""
         lines += ["", f"### {result.eval} · {result.model}{suffix}", ""]
         lines.extend(f"{i}. {_md_cell(text)}" for i, text in enumerate(result.value, start=1))
     return "\n".join(lines) + "\n"
@@ -177,7 +177,7 @@ def plot_sweep(directory: Path, results: Sequence[Result], eval_name: str, param
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in numeric:
         others = {k: v for k, v in r.params.items() if k != param}
-        label = r.model + (f" ({_format_params(others)})" if others else "")
+        label = r.model + (f" ({show_point(others)})" if others else "")
         lines.setdefault(label, []).append((float(r.params[param]), float(r.value)))
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     try:

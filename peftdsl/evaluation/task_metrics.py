@@ -1,4 +1,4 @@
-"""Metrics for encoder-decoder (seq2seq) and classification models (DESIGN §4, model classes).
+"""Metrics for encoder-decoder (seq2seq) and classification models (docs/recipes.md).
 
 - seq2seq ``perplexity``: exp(Σ NLL of the target's tokens given the input / Σ target
   tokens), rows with ``input`` and ``target`` (field names configurable); the target is

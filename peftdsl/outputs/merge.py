@@ -1,4 +1,4 @@
-"""Merged models: the base's weights with the composed delta folded in (DESIGN.md §3).
+"""Merged models: the base's weights with the composed delta folded in (docs/recipes.md).
 
 The base is streamed one weight file and one tensor at a time and written as
 sharded safetensors with an index, plus config and tokenizer files copied from the

@@ -1,4 +1,4 @@
-"""Write PEFT adapter directories (DESIGN.md §3), atomically and reproducibly.
+"""Write PEFT adapter directories (docs/recipes.md), atomically and reproducibly.
 
 An adapter directory is what ``PeftModel.from_pretrained(base, path)`` loads as it
 is: ``adapter_config.json``, ``adapter_model.safetensors`` with PEFT's key names, and
