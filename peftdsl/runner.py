@@ -96,9 +96,6 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.executor.__exit__(*exc)
 
-    def close(self) -> None:
-        self.executor.__exit__(None, None, None)
-
     # ------------------------------------------------------------ pins
 
     def verify_pins(self, *, locked: bool = False) -> None:
