@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 from peftdsl import ir
 from peftdsl.diagnostics import Sink
-from peftdsl.operators import OPERATORS
 from peftdsl.numbers import show_number
+from peftdsl.operators import OPERATORS
 from peftdsl.spans import Span
 
 Kind = ir.Kind
@@ -26,6 +26,7 @@ Value = float | ir.Combination | None  # None: not computable (an error was repo
 # Tests turn this on (tests/conftest.py sets PEFTDSL_CHECK_INVARIANTS=1, which the
 # subprocesses and Ray workers they start inherit): every canonical form is then checked
 # against the invariants below as it is made, and a violation is a bug, raised at once.
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it, weights lose every bit
 CHECK_INVARIANTS = os.environ.get("PEFTDSL_CHECK_INVARIANTS") == "1"
 
 
@@ -168,6 +169,10 @@ class _Canonicaliser:
                 self.sink.emit("T408", f"the weight of `{ir.leaf_text(leaf)}` overflows", span)
                 return None
             if abs(coef) > 1e-12 * math.fsum(abs(c) for c in contributions):
+                if abs(coef) < FLOAT32_TINY:
+                    self.sink.emit("T409", f"the weight of `{ir.leaf_text(leaf)}` ({coef:g}) is below float32's "
+                                   "range, the compute dtype: it contributes nothing", span,
+                                   help="check the coefficients: weights this small round to 0")
                 terms.append(ir.Term(coef=coef, leaf=leaf, span=first[leaf].span))
         terms.sort(key=lambda t: ir.leaf_text(t.leaf))
         kind = Kind.DENSE if Kind.DENSE in kinds else kinds.pop()

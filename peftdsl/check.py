@@ -12,12 +12,11 @@ import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftdsl import ir, tasks
 from peftdsl.diagnostics import Label, Severity, Sink
-from peftdsl.operators import OPERATORS
 from peftdsl.inputs import (
     AdapterInfo,
     BaseInfo,
@@ -26,6 +25,7 @@ from peftdsl.inputs import (
     read_adapter,
     read_base,
 )
+from peftdsl.operators import OPERATORS
 from peftdsl.spans import Span
 
 if TYPE_CHECKING:

@@ -11,7 +11,9 @@ import sys
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
 
-from peftdsl.errors import UsageError  # a command used wrongly: exit 2, one line, no traceback
+from peftdsl.errors import (
+    UsageError,  # a command used wrongly: exit 2, one line, no traceback
+)
 
 
 def parse_sets(sets: list[str]) -> tuple[tuple[str, float], ...]:

@@ -397,6 +397,11 @@ def _lora_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> di
             key_b = key[: -len(suffix_a)] + suffix_b
             modules[module] = _lora_module(name, module, tensors, key, key_b, layout,
                                            rank_pattern, alpha_pattern, r, alpha, rslora)
+        for key_b in sorted(k for k in tensors if k.endswith(suffix_b)):  # a B whose A is missing
+            key_a = key_b[: -len(suffix_b)] + suffix_a
+            if key_a not in tensors:
+                raise InputError("I304", f"adapter `{name}`: `{key_b}` has no matching `{key_a}`",
+                                 "half of a LoRA pair cannot be composed; re-save the adapter")
     if not modules:
         raise InputError("I304", f"adapter `{name}` has no LoRA tensors in `adapter_model.safetensors`")
     return modules

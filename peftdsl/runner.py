@@ -198,6 +198,7 @@ class Session:
         import torch
 
         from peftdsl.outputs import write
+        from peftdsl.runtime.tensorio import stored
 
         task = lower(self.analysis, out.name)
         torch_dtype = getattr(torch, dtype)
@@ -218,7 +219,8 @@ class Session:
                     tensors = {}
                     for module, delta in chunk.items():
                         key_a, key_b = write.lora_keys(module, delta.layout)
-                        tensors[key_a], tensors[key_b] = delta.A.to(torch_dtype), delta.B.to(torch_dtype)
+                        tensors[key_a] = stored(delta.A, torch_dtype, key_a)
+                        tensors[key_b] = stored(delta.B, torch_dtype, key_b)
                     yield tensors
 
         config = write.lora_adapter_config(ranks, layouts, template)

@@ -417,3 +417,34 @@ def test_pickles_are_loaded_only_with_weights_only():
             calls.append((path.name, match.group(1)))
     assert calls, "expected the allowed-pickle readers"
     assert all("weights_only=True" in args for _, args in calls), calls
+
+
+def test_lora_b_without_lora_a(fx, tmp_path):
+    """Either half of a pair alone is I304, never silently dropped."""
+    bad = copy_adapter(fx / "lora_r4", tmp_path / "bad")
+    weights = bad / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    del tensors[dropped]
+    save_file(tensors, weights)
+    assert_refused(tmp_path, recipe(tmp_path, {"a": bad}), "I304", "has no matching", dropped)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_results_that_overflow_the_output_dtype_are_not_written(fx, tmp_path, merge):
+    """Finite in float32, infinite in float16: R601 naming the tensor, nothing written."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nbase: {fx / 'base'}\nadapters: {{a: {fx / 'lora_r4'}}}\n"
+                    f"compose:\n  x: 1e7 * a\noutputs:\n  x: {{path: {tmp_path / 'out'}, dtype: float16, "
+                    f"merge: {str(merge).lower()}}}\n")
+    assert_refused(tmp_path, path, "R601", "overflows float16", command="run")
+    assert not (tmp_path / "out").exists()
+
+
+def test_coefficients_below_float32_range_are_warned_about(fx, tmp_path):
+    import peftdsl
+
+    recipe = peftdsl.loads(f"peftdsl: 1\nadapters: {{a: {fx / 'lora_r4'}}}\ncompose:\n  x: 1e-320 * a\n",
+                           root=tmp_path)
+    assert [(d.code, d.severity.value) for d in recipe.diagnostics] == [("T409", "warning")]
+    assert "below float32's range" in recipe.diagnostics[0].message

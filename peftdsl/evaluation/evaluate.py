@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict
 
+from peftdsl import tasks
 from peftdsl.errors import EvalDataError, UntrainedWeights
 from peftdsl.evaluation.apply import Delta, applied
-from peftdsl.schema import METRICS, EvalOptions, Metric  # noqa: F401 - METRICS is re-exported
-from peftdsl import tasks
 from peftdsl.progress import progress
+from peftdsl.schema import METRICS, EvalOptions, Metric  # noqa: F401 - METRICS is re-exported
 
 if TYPE_CHECKING:
     import torch

@@ -85,8 +85,8 @@ def _remote_point(job: PointJob) -> list:
     infinity, and an infinite perplexity is a legitimate value to select on.
     """
     from peftdsl.compiler import Options, analyse
-    from peftdsl.runtime.execute import Executor
     from peftdsl.lower import lower
+    from peftdsl.runtime.execute import Executor
 
     sink = Sink()
     analysis = analyse(job.recipe, sink, Options(use_files=True, allow_pickle=job.allow_pickle,

