@@ -177,14 +177,15 @@ class Recipe:
     def run(self, *, only: Sequence[str] = (), device: str = "auto", force: bool = False,
             no_eval: bool = False, report: str | Path | None = None, executor: str = "local",
             address: str | None = None, locked: bool = False, quiet: bool = True,
-            on_diagnostics=None) -> RunResult:
+            memory_guard: bool = True, on_diagnostics=None) -> RunResult:
         """What `peftdsl run` does: write the outputs, evaluate, sweep. Raises `RecipeError`
         (with every diagnostic) when the recipe or a step fails; warnings are in the result."""
         from peftdsl.runner import RunOptions
 
         options = RunOptions(only=tuple(only), device=device, force=force, no_eval=no_eval,
                              report=Path(report) if report is not None else None, executor=executor,
-                             address=address, locked=locked, quiet=quiet, on_diagnostics=on_diagnostics)
+                             address=address, locked=locked, quiet=quiet, memory_guard=memory_guard,
+                             on_diagnostics=on_diagnostics)
         return self.run_with(options)
 
     def run_with(self, options: RunOptions) -> RunResult:

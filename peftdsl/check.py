@@ -109,8 +109,10 @@ def check_output_paths(recipe: ir.Recipe, sink: Sink) -> None:
         clash = next((what for what, p in inputs if path == p or _inside(p, path) or _inside(path, p)), None)
         if path == folder or _inside(folder, path):
             clash = "the recipe's folder"
-        if clash is None and path in written:
-            clash = f"output `{written[path]}`"
+        if clash is None:  # the same path, or one output inside another (`o` and `o/inner`)
+            other = next((name for p, name in written.items() if p == path or _inside(p, path) or _inside(path, p)),
+                         None)
+            clash = f"output `{other}`" if other is not None else None
         if clash is not None:
             sink.emit("N210", f"output `{out.name}` would overwrite {clash}", out.span,
                       help="write each output to a path of its own, outside every input")

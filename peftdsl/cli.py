@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", default=[], metavar="NAME")
     run.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda[:N]")
     run.add_argument("--force", action="store_true", help="replace existing outputs")
+    run.add_argument("--no-memory-guard", action="store_true",
+                     help="run even when the plan needs more memory than is free")
     run.add_argument("--no-eval", action="store_true")
     run.add_argument("--report", type=Path, default=None, metavar="DIR")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
@@ -193,7 +195,7 @@ def cmd_run(args) -> int:
     color = sys.stderr.isatty()
     options = RunOptions(only=tuple(args.only), device=args.device, force=args.force, no_eval=args.no_eval,
                          report=args.report, executor=args.executor, address=args.address, locked=args.locked,
-                         quiet=args.quiet, on_diagnostics=lambda diags: print_diagnostics(diags, "full", color))
+                         quiet=args.quiet, memory_guard=not args.no_memory_guard, on_diagnostics=lambda diags: print_diagnostics(diags, "full", color))
     try:
         recipe.run_with(options)
     except RecipeError:

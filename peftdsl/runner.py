@@ -51,6 +51,7 @@ class RunOptions:
     executor: str = "local"  # local | ray
     address: str | None = None  # a Ray cluster
     locked: bool = False  # refuse adapters without sha256 pins
+    memory_guard: bool = True  # refuse a plan that needs more memory than is free (--no-memory-guard)
     quiet: bool = False  # no progress bars and no "wrote …" lines
     # Called with each batch of diagnostics as the run finds them (the CLI prints them).
     on_diagnostics: Callable[[Sequence[Diagnostic]], None] | None = None
@@ -359,10 +360,17 @@ def _check_outputs_free(analysis: Analysis, sink: Sink, options: RunOptions) -> 
         if exists and not options.force:
             sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                       help="pass --force to replace it")
+        elif _below_a_file(out.path):
+            sink.emit("R601", f"output path of `{out.name}` lies below a file, not a folder: `{out.path}`",
+                      out.span, help="outputs are folders; choose a path whose parents are folders")
         elif exists and not replaceable(out.path):
             sink.emit("R602", f"output `{out.name}` would replace `{out.path}`, which peftdsl did not write",
                       out.span, help="--force replaces earlier peftdsl outputs only (they hold "
                       "peftdsl.json); move that folder away yourself if it is meant to go")
+
+
+def _below_a_file(path: Path) -> bool:
+    return any(parent.exists() and not parent.is_dir() for parent in path.parents)
 
 
 def replaceable(path: Path) -> bool:
@@ -381,7 +389,7 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
             report.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UsageError(f"--report: cannot create `{report}`: {err.strerror or err}") from None
-    if not options.force and not _fits_in_memory(session, options, evals):
+    if options.memory_guard and not _fits_in_memory(session, options, evals):
         say()
         raise _fail(sink)
     console = session.console = _console(options.quiet)
@@ -448,7 +456,7 @@ def _fits_in_memory(session: Session, options: RunOptions, evals: Sequence) -> b
     session.sink.emit("R603", f"the plan needs about {needed / 2**30:.2f} GiB "
                       f"({'`' + worst + '`' if worst else 'base'}) but only {free / 2**30:.2f} GiB is free on "
                       f"{session.device}", span,
-                      help="free memory, run on another device, or pass --force to try anyway")
+                      help="free memory, run on another device, or pass --no-memory-guard to try anyway")
     return False
 
 

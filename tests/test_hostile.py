@@ -448,3 +448,19 @@ def test_coefficients_below_float32_range_are_warned_about(fx, tmp_path):
                            root=tmp_path)
     assert [(d.code, d.severity.value) for d in recipe.diagnostics] == [("T409", "warning")]
     assert "below float32's range" in recipe.diagnostics[0].message
+
+
+def test_nested_outputs_are_refused_at_lint(fx, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nadapters: {{a: {fx / 'lora_r4'}}}\ncompose:\n  x: 2 * a\n  y: 3 * a\n"
+                    f"outputs:\n  x: {tmp_path / 'out'}\n  y: {tmp_path / 'out' / 'inner'}\n")
+    assert_refused(tmp_path, path, "N210", "output `x`")
+
+
+def test_an_output_below_a_regular_file_is_refused_before_compute(fx, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nadapters: {{a: {fx / 'lora_r4'}}}\ncompose:\n  x: 2 * a\n"
+                    f"outputs:\n  x: {tmp_path / 'afile' / 'out'}\n")
+    assert_refused(tmp_path, path, "R601", "below a file", command="run")
+    assert (tmp_path / "afile").read_text() == "not a folder"

@@ -506,9 +506,13 @@ outputs:
 """, name="guard.yaml")
     err = run_fails(recipe)
     assert error_codes(err) == ["R603"]
-    assert "error[R603]" in str(err) and "GiB" in str(err) and "--force" in str(err)
+    assert "error[R603]" in str(err) and "GiB" in str(err) and "--no-memory-guard" in str(err)
     assert not (tmp_path / "mix").exists()
-    assert run(recipe, force=True).written == ("mix",)
+    # --force replaces outputs, with the guard still on; the guard has its own switch
+    err = run_fails(recipe, force=True)
+    assert error_codes(err) == ["R603"]
+    assert run(recipe, memory_guard=False).written == ("mix",)
+    assert main(["run", str(recipe), "--quiet", "--force", "--no-memory-guard"]) == 0
 
 
 def test_gpt2_layout_comes_from_the_base_when_the_config_says_otherwise(tmp_path: Path):
