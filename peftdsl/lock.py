@@ -59,7 +59,12 @@ def lock_command(path: Path) -> int:
               file=sys.stderr)
         return EXIT_ERRORS
     if text != source.text:
-        _replace(path, text)
+        try:
+            _replace(path.resolve(), text)  # a symlinked recipe: pin its target, keep the link
+        except OSError as err:
+            print(f"peftdsl: error: cannot write the pinned recipe {path}: {err.strerror or err}; "
+                  "nothing was changed", file=sys.stderr)
+            return EXIT_ERRORS
     print(f"pinned {plural(len(pins), 'adapter')} in {path}", file=sys.stderr)
     return EXIT_OK
 

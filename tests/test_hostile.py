@@ -464,3 +464,51 @@ def test_an_output_below_a_regular_file_is_refused_before_compute(fx, tmp_path):
                     f"outputs:\n  x: {tmp_path / 'afile' / 'out'}\n")
     assert_refused(tmp_path, path, "R601", "below a file", command="run")
     assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bad.txt", b"the cat\n\xff\xfe sat\n"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": "\xc3("}\n'),
+    ("deep.jsonl", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"),
+])
+def test_unreadable_eval_data_is_a_diagnostic(tmp_path, name, data):
+    from factories import save_tiny_llama_with_tokenizer
+
+    base = save_tiny_llama_with_tokenizer(tmp_path / "base")
+    (tmp_path / name).write_bytes(data)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nbase: {base}\neval:\n  - name: p\n    models: [base]\n    metric: perplexity\n"
+                    f"    data: {name}\n")
+    status, text = cli("run", str(path), "--quiet", "--report", str(tmp_path / "report"))
+    assert status == 1 and "error[E501]" in text, text
+    assert "Traceback" not in text and "internal error" not in text
+    assert ("UTF-8" in text) if name.startswith("bad") else ("nests too deeply" in text)
+
+
+def test_lock_pins_a_symlinks_target_and_keeps_the_link(fx, tmp_path):
+    real = tmp_path / "real.yaml"
+    real.write_text(f"peftdsl: 1\nadapters:\n  a: {fx / 'lora_r4'}\ncompose:\n  x: 2 * a\n")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    status, text = cli("lock", str(link))
+    assert status == 0, text
+    assert link.is_symlink() and "sha256:" in real.read_text()
+
+
+def test_lock_in_a_read_only_folder_is_an_error_not_a_traceback(fx, tmp_path, monkeypatch, capsys):
+    """Root ignores permission bits, so the refusal a read-only folder gives is injected."""
+    import tempfile
+
+    from peftdsl.lock import lock_command
+
+    recipe = tmp_path / "r.yaml"
+    text = f"peftdsl: 1\nadapters:\n  a: {fx / 'lora_r4'}\ncompose:\n  x: 2 * a\n"
+    recipe.write_text(text)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert lock_command(recipe) == 1
+    assert "cannot write the pinned recipe" in capsys.readouterr().err
+    assert recipe.read_text() == text

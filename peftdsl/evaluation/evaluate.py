@@ -111,14 +111,24 @@ def load_data(spec: EvalSpec) -> list[Any]:
 
 def _read_txt(path: Path, limit: int | None) -> list[str]:
     """Non-blank lines, each without its line terminator."""
-    texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [line for line in _text(path).splitlines() if line.strip()]
     return texts[:limit] if limit is not None else texts
+
+
+def _text(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are an error naming the line they are on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise EvalDataError(f"{path}:{line}: not valid UTF-8 (byte {data[err.start]:#04x})") from None
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line, so errors can point at the line."""
     rows: list[tuple[int, dict]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         if limit is not None and len(rows) >= limit:
@@ -127,6 +137,8 @@ def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise EvalDataError(f"{path}:{number}: invalid JSON: {error.msg}") from None
+        except RecursionError:
+            raise EvalDataError(f"{path}:{number}: the JSON nests too deeply to read") from None
         if not isinstance(row, dict):
             raise EvalDataError(f"{path}:{number}: expected a JSON object")
         rows.append((number, row))
