@@ -597,10 +597,25 @@ def check_outputs(analysis: Analysis, sink: Sink) -> None:
                       help="add `base: path/to/model`")
 
 
+def context_length(config: Mapping) -> int | None:
+    """How many positions the model has, as its config says (None: unbounded or unknown)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
     recipe = analysis.recipe
     task = analysis.task
+    positions = context_length(analysis.base.config) if analysis.base is not None else None
     for target in recipe.evals:
+        max_length = dict(target.options).get("max_length")
+        if positions is not None and max_length is not None and max_length > positions:
+            sink.emit("E501", f"eval `{target.name}` asks for max_length {max_length}, but the base model has "
+                      f"{positions} positions: sequences are cut at {positions}", target.span,
+                      severity=Severity.WARNING, help=f"set `max_length: {positions}` or less")
         if target.metric not in tasks.metrics(task):
             offered = ", ".join(f"`{m}`" for m in tasks.metrics(task)) or "none yet"
             sink.emit("E501", f"eval `{target.name}` asks for `{target.metric}`, which a {task} model has no "

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import math
 import shutil
 import struct
 import subprocess
@@ -512,3 +513,24 @@ def test_lock_in_a_read_only_folder_is_an_error_not_a_traceback(fx, tmp_path, mo
     assert lock_command(recipe) == 1
     assert "cannot write the pinned recipe" in capsys.readouterr().err
     assert recipe.read_text() == text
+
+
+def test_max_length_beyond_the_models_positions_is_clamped_and_said(tmp_path):
+    import peftdsl
+    from factories import save_tiny_llama_with_tokenizer
+
+    base = save_tiny_llama_with_tokenizer(tmp_path / "base")
+    long_line = " ".join(["the cat sat on the mat"] * 40)  # ≈ 240 tokens, past the 128 positions
+    (tmp_path / "t.txt").write_text(long_line + "\n")
+
+    def perplexity(max_length: int):
+        recipe = peftdsl.loads(f"peftdsl: 1\nbase: {base}\neval:\n  - name: p\n    models: [base]\n"
+                               f"    metric: perplexity\n    data: t.txt\n    max_length: {max_length}\n",
+                               root=tmp_path)
+        return recipe, recipe.run(report=tmp_path / f"r{max_length}").results[0].value
+
+    recipe, clamped = perplexity(10_000)
+    [warning] = recipe.diagnostics
+    assert (warning.code, warning.severity.value) == ("E501", "warning") and "128 positions" in warning.message
+    _, at_limit = perplexity(128)
+    assert clamped == at_limit and math.isfinite(clamped)

@@ -170,9 +170,13 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _context_length(model: torch.nn.Module, max_length: int | None) -> int | None:
-    if max_length is not None:
-        return max_length
-    return getattr(model.config, "max_position_embeddings", None)
+    """The eval's max_length, clamped to the model's positions (lint warns when it is larger)."""
+    from peftdsl.check import context_length
+
+    positions = context_length(model.config.to_dict())
+    if max_length is None or positions is None:
+        return max_length if max_length is not None else positions
+    return min(max_length, positions)
 
 
 def score_continuations(
