@@ -23,7 +23,7 @@ from peftdsl.compiler import Options, analyse_recipe
 from peftdsl.diagnostics import Sink
 from peftdsl.errors import InternalError
 from peftdsl.lower import group_rank, lower
-from peftdsl.operators import OPERATORS, Argument
+from peftdsl.operators import OPERATORS
 from peftdsl.runtime import ops
 from peftdsl.runtime.execute import Executor
 from tests.factories import make_lora, save_tiny_llama
@@ -147,7 +147,3 @@ def test_a_row_whose_kernel_is_missing_is_an_internal_error(lab: Path, monkeypat
     with Executor(analysis.adapters, device=torch.device("cpu"), seed=0) as executor, \
             pytest.raises(InternalError, match="no_such_kernel"):
         executor.run(lower(analysis, "x"))
-
-
-def test_argument_modes_are_exhaustive():
-    assert {op.argument for op in OPERATORS.values()} <= set(Argument)
