@@ -25,7 +25,9 @@ from peftdsl.inputs import (
     read_adapter,
     read_base,
 )
+from peftdsl.ir import adapter_leaves
 from peftdsl.operators import OPERATORS
+from peftdsl.parts import DELTA, plan_parts
 from peftdsl.spans import Span
 
 if TYPE_CHECKING:
@@ -208,6 +210,7 @@ def read_inputs(recipe: ir.Recipe, sink: Sink, *, use_files: bool, allow_pickle:
     _check_base_names(recipe, adapters, sink)
     adapters = _settle_layouts(adapters, base)
     _check_shapes(recipe, adapters, base, sink)
+    _check_part_shapes(recipe, adapters, base, sink)
     _check_tied_embeddings(recipe, adapters, base, sink)
     return Inputs(adapters, base)
 
@@ -335,6 +338,47 @@ def _check_shapes(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: 
                 sink.emit("I307", _base_mismatch(base, module, name), adapter.span,
                           help="the adapter was trained on another base model")
                 break
+
+
+def _check_part_shapes(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: BaseInfo | None,
+                       sink: Sink) -> None:
+    """Saved modules, biases and token rows must fit the base and each other (I307)."""
+    seen: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, info in adapters.items():
+        for tensor, part in info.parts.items():
+            problem = _part_mismatch(name, part, seen.get(tensor), base)
+            if problem:
+                sink.emit("I307", problem, recipe.adapter(name).span,
+                          help="adapters must be trained on the same base model")
+                break
+            seen.setdefault(tensor, (name, _part_shape(part)))
+
+
+def _part_shape(part) -> tuple[int, ...]:
+    """The shape of the tensor a part sets, as far as the part knows it (token rows: the width)."""
+    return (None, part.shape[1]) if part.role == "tokens" else part.shape
+
+
+def _part_mismatch(name: str, part, other: tuple[str, tuple] | None, base: BaseInfo | None) -> str | None:
+    shape = _part_shape(part)
+    if other is not None and other[1] != shape:
+        what = "rows of width" if part.role == "tokens" else "shape"
+        return (f"`{part.tensor}` has {what} {_shape(s for s in shape if s)} in `{name}` but "
+                f"{_shape(s for s in other[1] if s)} in `{other[0]}`")
+    stored = base.weights.get(part.tensor) if base is not None else None
+    if stored is None:
+        return None
+    if part.role == "tokens":
+        if len(stored.shape) != 2 or stored.shape[1] != part.shape[1]:
+            return (f"adapter `{name}` trains rows of `{part.tensor}` {part.shape[1]} wide, but the base's "
+                    f"embedding is {_shape(stored.shape)}")
+        if max(part.rows, default=-1) >= stored.shape[0]:
+            return (f"adapter `{name}` trains row {max(part.rows)} of `{part.tensor}`, but the base's "
+                    f"embedding has {stored.shape[0]} rows")
+        return None
+    if tuple(stored.shape) != tuple(part.shape):
+        return f"`{part.tensor}` is {_shape(part.shape)} in `{name}` but {_shape(stored.shape)} in the base"
+    return None
 
 
 def _check_tied_embeddings(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: BaseInfo | None,
@@ -524,8 +568,37 @@ def check_compositions(analysis: Analysis, sink: Sink, *, use_files: bool = True
     for name, comb in analysis.canonical.items():
         if comb.kind is Kind.IA3:
             _check_feedforward(analysis, comb, sink)
+    check_parts(analysis, sink)
     check_outputs(analysis, sink)
     _check_evals(analysis, sink, use_files)
+
+
+def check_parts(analysis: Analysis, sink: Sink) -> None:
+    """Each composition must be able to set every saved module, bias and token row its terms
+    carry (peftdsl.parts): T414 at the expression, before any weight is read."""
+    reported: set[str] = set()
+    for comp in analysis.recipe.compose:
+        form = analysis.canonical.get(comp.name)
+        if form is None or not all(leaf in analysis.adapters for leaf in adapter_leaves(form)):
+            continue
+        if ir.combination_text(form) in reported:  # `merged: mix` says nothing `mix` did not
+            continue
+        plans, problems = plan_parts(form, analysis.adapters, analysis.base)
+        for problem in problems[:1]:  # one per composition: the others say the same
+            reported.add(ir.combination_text(form))
+            more = f" (and {len(problems) - 1} more tensors)" if len(problems) > 1 else ""
+            sink.emit("T414", problem.message + more, comp.expr.span, help=problem.help)
+    base = analysis.base
+    for out in analysis.recipe.outputs:
+        form = analysis.canonical.get(out.name)
+        if not out.merge or base is None or not base.weights or form is None:
+            continue
+        plans, _ = plan_parts(form, analysis.adapters, base)
+        unbiased = [p.tensor for p in plans if p.mode == DELTA and p.tensor not in base.weights]
+        if unbiased:
+            sink.emit("T414", f"output `{out.name}` cannot be merged: `{unbiased[0]}` gets a `lora_bias` delta, "
+                      "but the base has no such bias", out.span,
+                      help="write an adapter output instead (PEFT cannot merge it either)")
 
 
 def _check_op(analysis: Analysis, leaf: ir.OpLeaf, sink: Sink) -> None:

@@ -74,17 +74,20 @@ def analyse_recipe(recipe: ir.Recipe, sink: Sink, options: Options = Options()) 
     params = {p.name: p.value for p in recipe.params} | dict(options.overrides)
     forms = canonical.canonicalise(recipe, kinds, sink, params)
     analysis = Analysis(recipe, inputs.adapters, inputs.base, kinds, forms, params, dict(options.overrides))
-    _check_sweep_points(analysis, sink)
     check.check_compositions(analysis, sink, use_files=options.use_files)
+    _check_sweep_points(analysis, sink)
     return analysis
 
 
 def _check_sweep_points(analysis: Analysis, sink: Sink) -> None:
-    """Canonicalise at every grid point so that, say, a division by a swept zero is found now."""
+    """Canonicalise at every grid point so that, say, a division by a swept zero is found now,
+    or a head that only an affine combination can set gets weights that do not sum to 1."""
     known = {(d.code, d.span.start if d.span else None) for d in sink.items}
     for point in sweep_points(analysis.recipe, analysis.overrides):
         scratch = Sink()
-        canonical.canonicalise(analysis.recipe, analysis.kinds, scratch, {**analysis.params, **point})
+        at_point = analysis.at(point, scratch)
+        if not scratch.errors:
+            check.check_parts(at_point, scratch)
         for diag in scratch.errors:
             if (diag.code, diag.span.start if diag.span else None) not in known:
                 known.add((diag.code, diag.span.start if diag.span else None))

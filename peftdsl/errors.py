@@ -53,11 +53,12 @@ class EvalDataError(PeftdslError):
 class UntrainedWeights(PeftdslError):
     """The model class evaluation needs would get weights the checkpoint lacks (a missing head)."""
 
-    def __init__(self, model_class: str, missing: Sequence[str]):
-        self.model_class, self.missing = model_class, list(missing)
+    def __init__(self, model_class: str, missing: Sequence[str], model: str = "base"):
+        self.model_class, self.missing, self.model = model_class, list(missing), model
         shown = ", ".join(f"`{name}`" for name in self.missing[:4]) + (" …" if len(self.missing) > 4 else "")
+        whose = "" if model == "base" else f"; `{model}` does not set them"
         super().__init__(f"loaded as {model_class}, the base would get {len(self.missing)} newly initialised "
-                         f"weight(s) that its checkpoint lacks: {shown}")
+                         f"weight(s) that its checkpoint lacks: {shown}{whose}")
 
 
 class InternalError(Exception):

@@ -30,13 +30,11 @@ DTYPE_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16"
 # Variants whose update is not linear in their parameters (or not a delta at all).
 _NONLINEAR_FLAGS = {
     "use_dora": "DoRA rescales the weight by a learned magnitude, so its update is not linear in its factors",
-    "lora_bias": "`lora_bias` trains a bias term that peftdsl does not compose",
     "use_qalora": "QALoRA's pooled inputs are not a plain low-rank delta",
     "use_bdlora": "block-diagonal LoRA variants are not supported",
     "alora_invocation_tokens": "activated LoRA applies its delta to some tokens only",
     "layer_replication": "layer replication changes the model's structure",
     "target_parameters": "LoRA on raw parameters (`target_parameters`) is not supported",
-    "trainable_token_indices": "trainable token rows are full weights, not low-rank deltas",
 }
 SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
 
@@ -74,6 +72,33 @@ class ModuleInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PartInfo:
+    """A tensor an adapter carries beside its factors (DESIGN §2 "Beyond factors").
+
+    `tensor` is the model's tensor it sets, in the base's naming (`classifier.out_proj.weight`,
+    `model.embed_tokens.weight`). Roles: `module` — a weight of a saved module
+    (`modules_to_save`), its new value; `bias` — a bias trained with `bias: all/lora_only`,
+    its new value; `tokens` — new values of some rows of an embedding
+    (`trainable_token_indices`); `lora_bias` — `lora_B.bias`, a *delta* s·b on the module's
+    bias. The values are composed as task vectors against the base (their value minus the
+    base's), the delta as it is.
+    """
+
+    tensor: str
+    role: str  # module | bias | tokens | lora_bias
+    key: str  # the safetensors key holding it
+    shape: tuple[int, ...]  # as stored: tokens are rows × hidden
+    dtype: str
+    rows: tuple[int, ...] = ()  # tokens: the embedding rows it replaces, in the stored order
+    scaling: float = 1.0  # lora_bias: the delta is scaling · lora_B.bias
+    saved_module: str = ""  # module: the saved module it belongs to (`classifier`)
+
+    @property
+    def is_delta(self) -> bool:
+        return self.role == "lora_bias"
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterInfo:
     name: str
     kind: ir.Kind
@@ -84,6 +109,7 @@ class AdapterInfo:
     base_model: str | None
     task_type: str | None
     state: Mapping | None = None  # the tensors of a source given in memory (the Python API)
+    parts: Mapping[str, PartInfo] = field(default_factory=dict)  # by the tensor they set
 
     @property
     def rank(self) -> int | None:
@@ -271,14 +297,10 @@ def describe_adapter(name: str, config: dict, tensors: Mapping[str, TensorInfo],
     if kind is ir.Kind.LORA:
         _check_init(name, config.get("init_lora_weights"))
     modules = _lora_modules(name, config, tensors) if kind is ir.Kind.LORA else _ia3_modules(name, config, tensors)
-    full = sorted(k for k in tensors if not _is_factor(k) and not k.endswith(".base_layer.weight"))
-    if full:  # modules_to_save and the like: replacements, not deltas
-        raise InputError("I303", f"adapter `{name}` saves full module weights (`{_strip(full[0], '')}`), which "
-                         "replace the base's instead of adding to them",
-                         "retrain without `modules_to_save`, or drop those tensors")
+    parts = adapter_parts(name, config, tensors, modules)
     return AdapterInfo(name=name, kind=kind, path=path, weights=weights, config=config, modules=modules,
                        base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
-                       state=state)
+                       state=state, parts=parts)
 
 
 def adapter_weights(name: str, folder: Path, *, allow_pickle: bool = False) -> Path:
@@ -351,6 +373,81 @@ def state_tensor_infos(state: Mapping) -> dict[str, TensorInfo]:
 
 def _is_factor(key: str) -> bool:
     return key.endswith((".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".ia3_l"))
+
+
+# ---------------------------------------------------------------- parts beside the factors
+
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def adapter_parts(name: str, config: dict, tensors: Mapping[str, TensorInfo],
+                  modules: Mapping[str, ModuleInfo]) -> dict[str, PartInfo]:
+    """Every tensor of the adapter that is not a factor, as the part it is; a tensor that is
+    none of PEFT's parts is refused (I304), never dropped."""
+    parts: dict[str, PartInfo] = {}
+    saved = _saved_modules(config)
+    for key in sorted(tensors):
+        if _is_factor(key) or key.endswith(".base_layer.weight"):
+            continue
+        part = _part(name, config, key, tensors[key], saved, modules)
+        if part.tensor in parts:
+            raise InputError("I303", f"adapter `{name}` sets `{part.tensor}` twice (`{parts[part.tensor].key}` and "
+                             f"`{key}`)", "train with either `lora_bias` or `bias`, not both")
+        parts[part.tensor] = part
+    return parts
+
+
+def _saved_modules(config: dict) -> list[str]:
+    saved = config.get("modules_to_save") or []
+    return [saved] if isinstance(saved, str) else [m for m in saved if isinstance(m, str)]
+
+
+def _part(name: str, config: dict, key: str, info: TensorInfo, saved: list[str],
+          modules: Mapping[str, ModuleInfo]) -> PartInfo:
+    tensor = _strip(key, "")
+    if info.dtype not in FLOAT_DTYPES:
+        raise InputError("I304", f"adapter `{name}`: `{key}` has dtype {info.dtype}, not a float type")
+    if key.endswith(".lora_B.bias"):
+        module = _strip(key, ".lora_B.bias")
+        if module not in modules or len(info.shape) != 1 or info.shape[0] != modules[module].out_features:
+            raise InputError("I304", f"adapter `{name}`: `{key}` is no bias of a LoRA module's output")
+        return PartInfo(f"{module}.bias", "lora_bias", key, info.shape, info.dtype, scaling=modules[module].scaling)
+    if key.endswith(_TOKENS_SUFFIX):
+        module = _strip(key, _TOKENS_SUFFIX)
+        rows = _token_rows(name, config, module)
+        if len(info.shape) != 2 or info.shape[0] != len(rows):
+            raise InputError("I304", f"adapter `{name}`: `{key}` holds {list(info.shape)} values for "
+                             f"{len(rows)} trained token rows", "the weights and adapter_config.json disagree")
+        return PartInfo(f"{module}.weight", "tokens", key, info.shape, info.dtype, rows=rows)
+    owner = next((m for m in _ancestors(tensor) if any(_matches(m, entry) for entry in saved)), None)
+    if owner is not None:
+        return PartInfo(tensor, "module", key, info.shape, info.dtype, saved_module=owner)
+    if key.endswith(".bias") and config.get("bias") in ("all", "lora_only"):
+        return PartInfo(tensor.replace(".base_layer.bias", ".bias"), "bias", key, info.shape, info.dtype)
+    raise InputError("I304", f"adapter `{name}`: `{key}` is neither a factor nor a part PEFT saves "
+                     "(saved modules, biases, trained token rows)", "the weights and adapter_config.json disagree")
+
+
+def _ancestors(tensor: str) -> list[str]:
+    """The modules a tensor lies in, innermost first: `a.b.weight` → `a.b`, `a`."""
+    names = tensor.split(".")[:-1]
+    return [".".join(names[:i]) for i in range(len(names), 0, -1)]
+
+
+def _matches(module: str, entry: str) -> bool:
+    """PEFT's match of a `modules_to_save` entry: the module's name or a dotted suffix of it."""
+    return module == entry or module.endswith("." + entry)
+
+
+def _token_rows(name: str, config: dict, module: str) -> tuple[int, ...]:
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        indices = next((rows for entry, rows in indices.items() if _matches(module, entry)), None)
+    if not isinstance(indices, list) or not all(isinstance(i, int) and i >= 0 for i in indices):
+        raise InputError("I302", f"adapter `{name}`: `trainable_token_indices` gives no row list for `{module}`")
+    if len(set(indices)) != len(indices):
+        raise InputError("I302", f"adapter `{name}`: `trainable_token_indices` repeats a row for `{module}`")
+    return tuple(indices)
 
 
 def _read_json(path: Path, code: str) -> dict:

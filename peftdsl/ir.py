@@ -262,3 +262,15 @@ def combination_text(comb: Combination) -> str:
     return "".join(parts)
 
 
+def adapter_leaves(comb: Combination) -> list[str]:
+    """Names of the source adapters a combination reads, in first-use order."""
+    names: dict[str, None] = {}
+    stack = [comb]
+    while stack:
+        current = stack.pop()
+        for term in current.terms:
+            if isinstance(term.leaf, AdapterLeaf):
+                names.setdefault(term.leaf.name)
+            else:
+                stack.append(term.leaf.arg)
+    return list(names)

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftdsl import ir
+from peftdsl.ir import adapter_leaves  # noqa: F401 — re-exported: the plan's callers read leaves here
 from peftdsl.check import op_leaves
 from peftdsl.inputs import ModuleInfo
 from peftdsl.numbers import show_bytes, show_flops
+from peftdsl.errors import UsageError
 from peftdsl.operators import OPERATORS, RankContext
+from peftdsl.parts import PartPlan, plan_parts
 from peftdsl.spans import Span
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ class Task:
     form: ir.Combination
     groups: tuple[Group, ...]
     spans: tuple[Span, ...]
+    parts: tuple[PartPlan, ...] = ()  # the tensors beside the factors it sets (peftdsl.parts)
 
     @property
     def kind(self) -> Kind:
@@ -58,20 +62,6 @@ class Task:
     @property
     def modules(self) -> int:
         return sum(len(g.modules) for g in self.groups)
-
-
-def adapter_leaves(comb: ir.Combination) -> list[str]:
-    """Names of the source adapters a combination reads, in first-use order."""
-    names: dict[str, None] = {}
-    stack = [comb]
-    while stack:
-        current = stack.pop()
-        for term in current.terms:
-            if isinstance(term.leaf, ir.AdapterLeaf):
-                names.setdefault(term.leaf.name)
-            else:
-                stack.append(term.leaf.arg)
-    return list(names)
 
 
 def lower(analysis: Analysis, name: str) -> Task:
@@ -96,7 +86,10 @@ def lower(analysis: Analysis, name: str) -> Task:
         for (out, inn, layout, ff, present), mods in sorted(by_signature.items(), key=lambda kv: kv[1][0])
     )
     spans = tuple({id(s): s for s in _spans(analysis, name, form)}.values())
-    return Task(name=name, form=form, groups=groups, spans=spans)
+    plans, problems = plan_parts(form, analysis.adapters, analysis.base)
+    if problems:  # `check` reports these as T414 for the recipe's own params; other params reach here
+        raise UsageError(f"`{name}`: {problems[0].message}; {problems[0].help}")
+    return Task(name=name, form=form, groups=groups, spans=spans, parts=tuple(plans))
 
 
 def _spans(analysis: Analysis, name: str, form: ir.Combination) -> list[Span]:

@@ -59,6 +59,14 @@ class Argument(enum.Enum):
     TASKS = "tasks"  # each term's dense task tensor ΔWᵢ, stacked, with the coefficients as weights
 
 
+class Parts(enum.Enum):
+    """How an operator carries the tensors beside the factors (saved modules, biases, token
+    rows; DESIGN §2 "Beyond factors") of its argument: `peftdsl.parts` reads it."""
+
+    LINEAR = "linear"  # as the argument's linear combination (svd, pem, peft_linear act on factors only)
+    TASKS = "tasks"  # as task tensors handed to the kernel, like the factors' deltas (ties, dare…)
+
+
 @dataclass(frozen=True, slots=True)
 class RankContext:
     """What a rank rule sees for one group of modules."""
@@ -86,6 +94,7 @@ class Operator:
     equal_ranks: bool = False  # shared modules must have equal ranks
     note: tuple[str, str, str] | None = None  # (code, message, help) said once when the operator is used
     summary: str = ""
+    parts: Parts = Parts.LINEAR  # how the argument's saved modules, biases and token rows pass through
 
     def keyword(self, name: str) -> Keyword | None:
         return next((k for k in self.keywords if k.name == name), None)
@@ -124,7 +133,8 @@ _PEM_NOTE = ("T411", "`pem` adds A and B factors separately (the paper's paramet
 
 def _task_tensor_operator(name: str, keywords: tuple[Keyword, ...], summary: str) -> Operator:
     """The merge_utils family: dense results from the terms' task tensors."""
-    return Operator(name, _LORA_OR_DENSE, Kind.DENSE, keywords, _dense, Argument.TASKS, name, summary=summary)
+    return Operator(name, _LORA_OR_DENSE, Kind.DENSE, keywords, _dense, Argument.TASKS, name, summary=summary,
+                    parts=Parts.TASKS)
 
 
 OPERATORS: dict[str, Operator] = {

@@ -89,7 +89,8 @@ class Session:
         self.hashes: dict[str, str] = {}
         self.recipe_sha256 = hashlib.sha256(analysis.recipe.span.source.text.encode("utf-8")).hexdigest()
         self.written: list[str] = []  # outputs complete on disk, in order
-        self.executor = Executor(analysis.adapters, device=self.device, seed=analysis.recipe.seed)
+        self.executor = Executor(analysis.adapters, device=self.device, seed=analysis.recipe.seed,
+                                 base=analysis.base)
 
     def __enter__(self) -> Session:
         return self
@@ -125,6 +126,12 @@ class Session:
         with self._task_errors(task, name), progress(f"computing {name}", task.modules,
                                                      quiet=self.quiet) as advance:
             return self.executor.run(task, advance)
+
+    def parts(self, name: str) -> dict:
+        """The composed saved modules, biases and token rows of `name`, by tensor name."""
+        task = lower(self.analysis, name)
+        with self._task_errors(task, name):
+            return self.executor.parts(task)
 
     def lazy_deltas(self, name: str) -> _LazyDeltas:
         return _LazyDeltas(self, lower(self.analysis, name), name)
@@ -166,9 +173,11 @@ class Session:
             if out.merge:
                 dense = form.kind is Kind.DENSE  # full-size deltas: computed as the shards reach them
                 deltas = self.lazy_deltas(out.name) if dense else self.deltas(out.name)
+                parts = self.parts(out.name) if dense else None
                 merge.write_merged(out.path, base_dir=analysis.base.path,
-                                   transform=merge.merge_transform(deltas, dense=dense), dtype=out.dtype,
-                                   force=force, allow_pickle=self.allow_pickle, provenance=provenance)
+                                   transform=merge.merge_transform(deltas, dense=dense, parts=parts),
+                                   dtype=out.dtype, force=force, allow_pickle=self.allow_pickle,
+                                   provenance=provenance, task=analysis.task)
             elif form.kind is Kind.IA3:
                 config, tensors = write.ia3_adapter_files(self.deltas(out.name), template=template, dtype=dtype)
                 write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
@@ -213,6 +222,13 @@ class Session:
                 specs[key_a] = (torch_dtype, (rank, group.in_features))
                 specs[key_b] = (torch_dtype, (group.out_features, rank))
 
+        # Parts (heads, biases, token rows) are small beside the factors: computed first, whole,
+        # so that their keys and shapes are in the header that goes out before any factor.
+        widths = {module: group.out_features for group in task.groups for module in group.modules}
+        with self._task_errors(task, out.name):
+            fields, part_tensors = write.part_files(self.executor.parts(task), widths, torch_dtype)
+        specs.update({key: (t.dtype, tuple(t.shape)) for key, t in part_tensors.items()})
+
         def chunks():
             with self._task_errors(task, out.name), progress(f"writing {out.name}", task.modules,
                                                              quiet=self.quiet) as advance:
@@ -223,8 +239,9 @@ class Session:
                         tensors[key_a] = stored(delta.A, torch_dtype, key_a)
                         tensors[key_b] = stored(delta.B, torch_dtype, key_b)
                     yield tensors
+            yield part_tensors
 
-        config = write.lora_adapter_config(ranks, layouts, template)
+        config = {**write.lora_adapter_config(ranks, layouts, template), **fields}
         write.write_adapter_streaming(out.path, config=config, specs=specs, chunks=chunks(),
                                       provenance=provenance, force=force)
 
@@ -493,9 +510,10 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
     except PickledWeights as err:
         session._pickled_base(err)
     except UntrainedWeights as err:
-        sink.emit("E501", f"cannot evaluate on base `{recipe.base}`: {err}", recipe.base_span,
-                  help="evaluate on a checkpoint that has the head the metric needs (a causal LM head here); "
-                  "random weights would give a different number on every run")
+        sink.emit("E501", f"cannot evaluate {'on base' if err.model == 'base' else f'`{err.model}` on base'} "
+                  f"`{recipe.base}`: {err}", recipe.base_span,
+                  help="evaluate on a checkpoint that has the head the metric needs, or a composition whose "
+                  "adapters carry it; random weights would give a different number on every run")
         raise _fail(sink) from None
     except EvalDataError as err:
         failing = next((t for t in evals if t.data.name in str(err)), evals[0])  # its message names the file

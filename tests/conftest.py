@@ -51,6 +51,9 @@ def build_fixtures(folder: Path) -> None:
     make_lora(folder / "lora_wide", base=tiny_llama(hidden=96, intermediate=192), seed=8,
               base_model_name_or_path=BASE_NAME)
     make_lora(folder / "lora_other_base", r=4, seed=9, base_model_name_or_path="other-org/other-model")
+    # Adapters that save `lm_head` (modules_to_save): composed as task vectors against the base.
+    make_lora(folder / "head_a", r=4, seed=12, modules_to_save=["lm_head"], base_model_name_or_path=BASE_NAME)
+    make_lora(folder / "head_b", r=4, seed=13, modules_to_save=["lm_head"], base_model_name_or_path=BASE_NAME)
     # Unsupported or broken adapters.
     make_lora(folder / "dora", use_dora=True, seed=10, base_model_name_or_path=BASE_NAME)
     _copy_with(folder / "lora_r4", folder / "loha", config={"peft_type": "LOHA"})

@@ -149,8 +149,12 @@ def make_lora(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     init_scale: float = 0.1,
+    **extra,
 ) -> Path:
     """Save a LoRA adapter with seeded, non-zero factors and return its directory.
+
+    ``extra`` goes to ``LoraConfig`` (``modules_to_save``, ``bias``, ``lora_bias``,
+    ``trainable_token_indices``…); the parts it trains get seeded noise too.
 
     ``base="gpt2"`` needs ``targets=("c_attn",)`` or similar and sets
     ``fan_in_fan_out`` itself (GPT-2's ``Conv1D`` stores weights in×out).
@@ -170,10 +174,22 @@ def make_lora(
         use_dora=use_dora,
         lora_dropout=0.0,
         task_type=task_type,
+        **extra,
     )
     peft_model = get_peft_model(model, config)
     _fill_lora_factors(peft_model, "default", seed, init_scale)
+    fill_parts(peft_model, seed + 1000)
     return _save_adapter(peft_model, directory, base_model_name_or_path)
+
+
+def fill_parts(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """Move every trainable tensor beside the factors (saved modules, biases, token rows) by
+    seeded noise, so that its task vector against the base is not zero."""
+    generator = _seeded(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad and "lora_" not in name:
+                param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale)
 
 
 def make_ia3(

@@ -234,14 +234,16 @@ def test_half_a_lora_pair(fx, tmp_path, half):
     assert_refused(tmp_path, recipe(tmp_path, {"a": bad}), "I304", "has no matching", dropped)
 
 
-def test_modules_to_save_weights(fx, tmp_path):
+def test_full_weights_the_config_does_not_declare(fx, tmp_path):
+    """A full tensor that is none of PEFT's parts (no `modules_to_save` names it) is refused,
+    never dropped and never taken for a saved module."""
     bad = copy_adapter(fx / "lora_r4", tmp_path / "bad")
     weights = bad / "adapter_model.safetensors"
     tensors = load_file(weights)
     tensors["base_model.model.lm_head.weight"] = torch.zeros(128, 64)
     save_file(tensors, weights)
-    assert_refused(tmp_path, recipe(tmp_path, {"a": bad}), "I303", "full module weights", "lm_head",
-                   "modules_to_save")
+    assert_refused(tmp_path, recipe(tmp_path, {"a": bad}), "I304", "base_model.model.lm_head.weight",
+                   "neither a factor nor a part PEFT saves")
 
 
 # ---------------------------------------------------------------- adapters of different bases

@@ -30,7 +30,9 @@ from peftdsl.runtime.fold import (
     IA3Delta,
     Layout,
     LoraDelta,
+    PartDelta,
     fold_bias,
+    fold_part,
     fold_weight,
 )
 
@@ -49,22 +51,33 @@ def applied(model: torch.nn.Module, deltas: Mapping[str, Delta] | None) -> Itera
     """Patch ``model``'s weights with ``deltas`` inside the block, restore them after.
 
     ``deltas`` maps module names (paths in ``model``, e.g.
-    ``model.layers.0.self_attn.q_proj``) to a delta; ``None`` or ``{}`` is the
+    ``model.layers.0.self_attn.q_proj``) to a delta, and tensor names
+    (``classifier.out_proj.weight``) to a ``PartDelta``; ``None`` or ``{}`` is the
     base model. The patched values are computed before any parameter is touched,
     so an error (unknown module, shape mismatch) leaves the model unchanged. The
     originals come back even when the block raises.
     """
     deltas = deltas or {}
     shared = _shared_parameters(model) if deltas else set()
-    patches = [_patch_for(model, name, deltas[name], shared) for name in sorted(deltas)]
+    modules = {name: d for name, d in deltas.items() if not isinstance(d, PartDelta)}
+    patches = [_patch_for(model, name, modules[name], shared) for name in sorted(modules)]
+    parts = [_part_patch(model, name, d) for name, d in sorted(deltas.items()) if isinstance(d, PartDelta)]
+    patches += [p for p in parts if isinstance(p, list)]
+    swaps = [p for p in parts if isinstance(p, tuple)]
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    swapped: list[tuple[torch.nn.Module, str, object]] = []
     try:
         for patch in patches:
             for param, new in patch:
                 saved.append((param, param.data))
                 param.data = new
+        for owner, attr, new in swaps:
+            swapped.append((owner, attr, owner._parameters.get(attr)))
+            owner._parameters[attr] = new
         yield model
     finally:
+        for owner, attr, original in reversed(swapped):
+            owner._parameters[attr] = original
         for param, original in reversed(saved):
             param.data = original
 
@@ -92,6 +105,36 @@ def _patch_for(
     if bias is not None and (new_bias := fold_bias(bias, delta, name=name)) is not None:
         patches.append((bias, new_bias))
     return patches
+
+
+def _part_patch(model: torch.nn.Module, name: str, part: PartDelta):
+    """How to set the tensor ``name`` as ``part`` says: ``(module, parameter name, new Parameter)``
+    to swap in, or for token rows ``[(parameter, new data)]``.
+
+    A saved module's or bias's Parameter is replaced, not written into, so a weight the base
+    ties to another (`lm_head` to the embeddings) gets its new value on this side only, as
+    PEFT's saved copy has it; a `lora_bias` delta on a module without a bias gets one, as
+    PEFT's unmerged forward adds it. Token rows are the exception: PEFT trains them on both
+    sides of a tie, so they replace the shared tensor's data and the tie stays.
+    """
+    import torch
+
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError as error:
+        raise KeyError(f"the model has no module `{owner_name}`") from error
+    if attr not in owner._parameters and part.role != "lora_bias":
+        raise KeyError(f"the model has no parameter `{name}`")
+    current = owner._parameters.get(attr)
+    if current is None:  # a `lora_bias` delta where the module has no bias: the bias is the delta
+        weight = owner.weight
+        value = part.value.to(device=weight.device, dtype=weight.dtype)
+    else:
+        value = fold_part(current.detach(), part, name=name)
+    if part.rows:
+        return [(current, value)]
+    return owner, attr, torch.nn.Parameter(value, requires_grad=False)
 
 
 def _shared_parameters(model: torch.nn.Module) -> set[int]:

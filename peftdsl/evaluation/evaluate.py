@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,6 +529,7 @@ def evaluate_models(
         raise KeyError(f"no deltas for model(s) {', '.join(missing)}")
     values: dict[tuple[str, str], EvalOutcome] = {}
     for name in models:
+        _check_trained(model, name, deltas.get(name))
         with applied(model, deltas.get(name)):
             for spec in specs:
                 if name in spec.models:
@@ -537,6 +539,18 @@ def evaluate_models(
         for spec in specs
         for name in spec.models
     ]
+
+
+# The weights each loaded base got at random (its checkpoint lacks them): a model evaluated on
+# it must set every one (a composition with heads averaged does), or its metric is noise.
+_UNTRAINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_trained(model: torch.nn.Module, name: str, deltas: Mapping[str, Delta] | None) -> None:
+    untrained = _UNTRAINED.get(model, ())
+    unset = [tensor for tensor in untrained if tensor not in (deltas or {})]
+    if unset:
+        raise UntrainedWeights(type(model).__name__, unset, model=name)
 
 
 def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None,
@@ -557,8 +571,8 @@ def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None
         model, info = model_class.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    # Weights the checkpoint lacks are drawn at random: a metric of them is noise, not a result.
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise UntrainedWeights(type(model).__name__, missing)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    # Weights the checkpoint lacks are drawn at random: a metric of them is noise, not a result,
+    # unless the evaluated model sets them all (`evaluate_models` checks each model).
+    model = model.to(device).eval()
+    _UNTRAINED[model] = tuple(sorted(info.get("missing_keys") or ()))
+    return model, AutoTokenizer.from_pretrained(path)

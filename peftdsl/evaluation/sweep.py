@@ -97,7 +97,8 @@ def _remote_point(job: PointJob) -> list:
 
     if job.threads:  # Ray starts workers with one thread; reductions in another order differ in the last bit
         torch.set_num_threads(job.threads)
-    with Executor(analysis.adapters, device=torch.device(job.device), seed=analysis.recipe.seed) as executor:
+    with Executor(analysis.adapters, device=torch.device(job.device), seed=analysis.recipe.seed,
+                  base=analysis.base) as executor:
         return evaluate_point(analysis, job, lambda name: executor.run(lower(analysis, name)))
 
 

@@ -13,7 +13,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,15 @@ from peftdsl import inputs
 from peftdsl.errors import InputDataError
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
 from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
-from peftdsl.runtime.fold import Delta, DenseDelta, changes_bias, fold_bias, fold_weight
+from peftdsl.runtime.fold import (
+    Delta,
+    DenseDelta,
+    PartDelta,
+    changes_bias,
+    fold_bias,
+    fold_part,
+    fold_weight,
+)
 from peftdsl.runtime.tensorio import (
     TORCH_DTYPES,
     SafetensorsReader,
@@ -67,6 +75,7 @@ class MergeTransform:
     """
 
     functions: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+    parts: Mapping[str, PartDelta] = field(default_factory=dict)  # by tensor name; set on that name only
 
     @property
     def weight_names(self) -> frozenset[str]:
@@ -77,8 +86,10 @@ class MergeTransform:
         return None if function is None else function(tensor)
 
 
-def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False) -> MergeTransform:
-    """One transform for a whole mapping module → LoRA, dense or (IA)³ delta (``peftdsl.runtime.fold``).
+def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False,
+                    parts: Mapping[str, PartDelta] | None = None) -> MergeTransform:
+    """One transform for a whole mapping module → LoRA, dense or (IA)³ delta (``peftdsl.runtime.fold``),
+    and tensor → ``PartDelta`` (saved modules, biases, token rows; also taken from ``deltas``).
 
     (IA)³ also maps the module's bias, as PEFT does. With ``dense=True`` every
     delta is dense and is looked up only when the writer reaches its weight, so a
@@ -86,14 +97,17 @@ def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False) -> Merg
     """
     if dense:
         return MergeTransform({f"{name}.weight": (lambda W, n=name: fold_weight(W, deltas[n], name=n))
-                               for name in sorted(deltas)})
+                               for name in sorted(deltas)}, dict(parts or {}))
+    parts = dict(parts or {}) | {name: d for name, d in deltas.items() if isinstance(d, PartDelta)}
     functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for name in sorted(deltas):
         delta = deltas[name]
+        if isinstance(delta, PartDelta):
+            continue
         functions[f"{name}.weight"] = lambda W, n=name, d=delta: fold_weight(W, d, name=n)
         if changes_bias(delta):
             functions[f"{name}.bias"] = lambda b, n=name, d=delta: fold_bias(b, d, name=n)
-    return MergeTransform(functions)
+    return MergeTransform(functions, parts)
 
 
 # =========================================================================== merged models
@@ -256,6 +270,14 @@ def _merged_tensor(
                 raise ValueError(f"transform changed the shape of `{name}`: {entry.shape} -> {tuple(changed.shape)}")
             current = changed.to(compute)
             touched = True
+    # A part sets the stored tensor of its own name, never another side of a tie: a saved
+    # `lm_head` of a tied model is written as a tensor of its own (`_added_parts`).
+    part = getattr(transform, "parts", {}).get(entry.name)
+    if part is not None:
+        try:
+            current, touched = fold_part(current, part, name=entry.name).to(compute), True
+        except ValueError as err:
+            raise InputDataError(str(err)) from err
     return stored(current, dtype or entry.dtype, entry.name) if touched else current.to(dtype or entry.dtype).contiguous()
 
 
@@ -270,6 +292,7 @@ def write_merged(
     allow_pickle: bool = False,
     expect: Collection[str] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    task: str | None = None,
 ) -> Path:
     """Write the base model with ``transform`` applied to its weights, streaming shard by shard.
 
@@ -279,7 +302,9 @@ def write_merged(
     tensors the transform changes; a name that is neither stored nor tied to a
     stored tensor is an error, so no delta is ever dropped silently.
     ``provenance`` is written as ``peftdsl.json`` inside the same atomic rename.
-    Peak memory is about one output shard.
+    Parts the base does not store (a head created at fine-tuning) are added as a last shard,
+    and the config becomes ``task``'s model class (peftdsl.tasks). Peak memory is about one
+    output shard.
     """
     base_dir = Path(base_dir)
     check_output_free(Path(target), force)
@@ -290,17 +315,115 @@ def write_merged(
     expected = set(expect if expect is not None else getattr(transform, "weight_names", ()))
     groups = tied_groups(base_dir, stored) if _may_touch_tied(base_dir, expected, entries) else {}
     _check_expected(expected, stored, groups)
+    added = _added_parts(getattr(transform, "parts", {}), stored)
+    changes, kept = _new_model_class(base_dir, added, task) if added else ({}, None)
+    if kept is not None:  # a new model class (a classifier): what it has no parameter for is left out
+        entries = [entry for entry in entries if entry.name in kept]
     shards = plan_shards(entries, lambda e: _output_dtype(e, out_dtype), max_shard_bytes)
+    count = len(shards) + (1 if added else 0)
     with atomic_output(Path(target), force=force) as tmp:
-        weight_map = _write_shards(tmp, shards, transform, groups, out_dtype)
+        weight_map = _write_shards(tmp, shards, transform, groups, out_dtype, count)
         total = sum(entry.nbytes(_output_dtype(entry, out_dtype)) for entry in entries)
+        if added:
+            weight_map.update(_write_added(tmp, added, out_dtype, count))
+            total += sum(t.numel() * (out_dtype or torch.float32).itemsize for t in added.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_bytes(json_bytes(index))
-        _write_config(base_dir, tmp, out_dtype)
+        _write_config(base_dir, tmp, out_dtype, changes)
         _copy_side_files(base_dir, tmp)
         if provenance is not None:
             (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
     return Path(target)
+
+
+def _added_parts(parts: Mapping[str, PartDelta], stored: Collection[str]) -> dict[str, torch.Tensor]:
+    """The tensors the base does not store that parts set (a head created at fine-tuning, the
+    `lm_head` of a tied model saved on its own), as float32 values."""
+    added = {}
+    for name in sorted(set(parts) - set(stored)):
+        try:
+            added[name] = fold_part(None, parts[name], name=name)
+        except ValueError as err:
+            raise InputDataError(str(err)) from err
+    return added
+
+
+def _new_model_class(base_dir: Path, added: Mapping[str, torch.Tensor],
+                     task: str | None) -> tuple[dict[str, Any], set[str] | None]:
+    """Config changes for a merged model that gains tensors, and the names its class keeps.
+
+    An untied `lm_head` unties the config. A head the base lacked makes the model its task's
+    class (`RobertaForMaskedLM` → `RobertaForSequenceClassification`): the class is built on
+    the meta device from the base's config, twice with different label counts, so that the
+    head tensors whose size is the number of labels tell it (no guess from names).
+    """
+    from transformers import AutoConfig
+
+    from peftdsl import tasks
+
+    config = AutoConfig.from_pretrained(base_dir)
+    changes: dict[str, Any] = {}
+    if any(name.endswith("lm_head.weight") for name in added):
+        changes["tie_word_embeddings"] = False
+    if task is None or task == tasks.CAUSAL_LM:
+        return changes, None
+    shapes = {labels: _meta_shapes(config, task, labels) for labels in (2, 3)}
+    names = set(shapes[2])
+    missing = sorted(set(added) - names)
+    if missing:
+        raise InputDataError(f"the merged {task} model has no parameter `{missing[0]}` to hold the composed value")
+    by_labels = [name for name in added if shapes[2][name] != shapes[3][name]]
+    if by_labels:
+        name = by_labels[0]
+        axis = next(i for i, (a, b) in enumerate(zip(shapes[2][name], shapes[3][name])) if a != b)
+        labels = added[name].shape[axis]
+        changes.update(num_labels=labels, id2label={str(i): f"LABEL_{i}" for i in range(labels)},
+                       label2id={f"LABEL_{i}": i for i in range(labels)})
+    changes["architectures"] = [_meta_class(config, task)]
+    return changes, names
+
+
+def _meta_shapes(config, task: str, labels: int) -> dict[str, tuple[int, ...]]:
+    import copy
+
+    import transformers
+
+    from peftdsl import tasks
+
+    config = copy.deepcopy(config)
+    config.num_labels = labels
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, tasks.auto_class(task)).from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in model.named_parameters(remove_duplicate=False)}
+    shapes.update({name: tuple(t.shape) for name, t in model.named_buffers()})
+    return shapes
+
+
+def _meta_class(config, task: str) -> str:
+    import transformers
+
+    from peftdsl import tasks
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return type(getattr(transformers, tasks.auto_class(task)).from_config(config)).__name__
+
+
+def _write_added(tmp: Path, added: Mapping[str, torch.Tensor], dtype: torch.dtype | None, count: int) -> dict[str, str]:
+    """The added tensors as the last shard."""
+    filename = f"model-{count:05d}-of-{count:05d}.safetensors"
+    out = {name: stored(t, dtype or torch.float32, name) for name, t in sorted(added.items())}
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in out.items()}
+    writer = StreamingSafetensors(tmp / filename, specs, SAFETENSORS_METADATA)
+    try:
+        for name, tensor in out.items():
+            writer.write(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return dict.fromkeys(out, filename)
 
 
 def _may_touch_tied(base_dir: Path, expected: set[str], entries: list[TensorEntry]) -> bool:
@@ -340,12 +463,13 @@ def _write_shards(
     transform: Transform,
     groups: Mapping[str, tuple[str, ...]],
     dtype: torch.dtype | None,
+    count: int,
 ) -> dict[str, str]:
     """Stream tensors in plan order, one input file open at a time, flushing each output shard."""
     weight_map: dict[str, str] = {}
     with contextlib.closing(_stream(entry for shard in shards for entry in shard)) as tensors:
         for number, shard in enumerate(shards, start=1):
-            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            filename = f"model-{number:05d}-of-{count:05d}.safetensors"
             # Every shape and dtype is in the base's headers: the shard's header goes
             # first and each tensor is written as soon as it is merged (one in memory).
             specs = {entry.name: (_output_dtype(entry, dtype), entry.shape) for entry in shard}
@@ -377,7 +501,7 @@ def _stream(entries: Iterator[TensorEntry]) -> Iterator[tuple[TensorEntry, torch
             yield entry, read(entry.name)
 
 
-def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None) -> None:
+def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None, changes: Mapping[str, Any] | None = None) -> None:
     """Copy config.json, recording a new dtype where one was asked for.
 
     transformers 5 names the field ``dtype``; releases before 4.56 wrote
@@ -387,14 +511,16 @@ def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None) -> None:
     source = base_dir / "config.json"
     if not source.is_file():
         return
-    if dtype is None:
+    if dtype is None and not changes:
         shutil.copyfile(source, tmp / "config.json")
         return
     config = json.loads(source.read_text())
-    name = str(dtype).removeprefix("torch.")
-    fields = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
-    for key in fields:
-        config[key] = name
+    config.update(changes or {})
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        fields = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
+        for key in fields:
+            config[key] = name
     (tmp / "config.json").write_bytes(json_bytes(config))
 
 

@@ -21,6 +21,7 @@ import torch
 
 from peftdsl.errors import OutputError
 from peftdsl.outputs.atomic import atomic_output, json_bytes, save_file
+from peftdsl.runtime.fold import PartDelta
 from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype, stored
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,19 +77,24 @@ def lora_adapter_files(
     ``lora_alpha == r`` everywhere: modules whose rank differs from the most
     common one get equal ``rank_pattern`` and ``alpha_pattern`` entries.
     """
+    parts = {name: m for name, m in modules.items() if isinstance(m, PartDelta)}
+    modules = {name: m for name, m in modules.items() if not isinstance(m, PartDelta)}
     if not modules:
         raise ValueError("an adapter needs at least one module")
     torch_dtype = as_dtype(dtype)
     ranks: dict[str, int] = {}
     layouts: set[str] = set()
     tensors: dict[str, torch.Tensor] = {}
+    widths: dict[str, int] = {}
     for name in sorted(modules):
         A, B, layout = _fields(modules[name], ("A", "B", "layout"))
         _check_lora_shapes(name, A, B)
         ranks[name] = int(A.shape[0])
+        widths[name] = int(B.shape[0])
         layouts.add(layout)
         tensors.update(_lora_tensor_entries(name, A, B, layout, torch_dtype))
-    return lora_adapter_config(ranks, layouts, template), tensors
+    fields, part_tensors = part_files(parts, widths, torch_dtype)
+    return {**lora_adapter_config(ranks, layouts, template), **fields}, {**tensors, **part_tensors}
 
 
 def lora_adapter_config(ranks: Mapping[str, int], layouts: Collection[str], template: Mapping[str, Any]) -> dict:
@@ -140,6 +146,54 @@ def lora_keys(name: str, layout: str) -> tuple[str, str]:
     return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
 
 
+def part_files(
+    parts: Mapping[str, PartDelta], lora_modules: Mapping[str, int], dtype: torch.dtype | str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config fields and tensors that store composed parts as PEFT saves them.
+
+    ``lora_modules`` maps the output's LoRA modules to their output width. Saved modules go
+    under their own names with ``modules_to_save``; biases as ``base_layer.bias`` of a LoRA
+    module (``bias: lora_only``) or plain ``bias`` elsewhere (``bias: all``); token rows as
+    ``token_adapter.trainable_tokens_delta`` with ``trainable_token_indices``; a
+    ``lora_bias`` combination as ``lora_B.bias`` (scaling is 1 in every output), with zeros
+    for the LoRA modules it does not touch, which PEFT would otherwise leave unset.
+    """
+    torch_dtype = as_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    fields: dict[str, Any] = {}
+    saved, tokens, lora_bias, plain_bias = set(), {}, False, False
+    for tensor in sorted(parts):
+        part = parts[tensor]
+        module = tensor.rpartition(".")[0]
+        if part.add:  # a lora_bias combination
+            if module not in lora_modules:
+                raise OutputError(f"`{tensor}` gets a lora_bias delta but `{module}` is no LoRA module of the output")
+            key, lora_bias = f"base_model.model.{module}.lora_B.bias", True
+        elif part.rows:
+            key = f"base_model.model.{module}.token_adapter.trainable_tokens_delta"
+            tokens[module] = list(part.rows)
+        elif part.role == "module":
+            key = f"base_model.model.{tensor}"
+            saved.add(part.saved_module)
+        else:
+            inside = module in lora_modules
+            plain_bias |= not inside
+            key = f"base_model.model.{module}.base_layer.bias" if inside else f"base_model.model.{tensor}"
+            fields["bias"] = "lora_only"
+        tensors[key] = stored(part.value, torch_dtype, key)
+    if lora_bias:
+        fields["lora_bias"] = True
+        for module, out_features in lora_modules.items():
+            tensors.setdefault(f"base_model.model.{module}.lora_B.bias", torch.zeros(out_features, dtype=torch_dtype))
+    if plain_bias:
+        fields["bias"] = "all"
+    if saved:
+        fields["modules_to_save"] = sorted(saved)
+    if tokens:
+        fields["trainable_token_indices"] = tokens
+    return fields, tensors
+
+
 def ia3_adapter_files(
     modules: Mapping[str, Any], *, template: Mapping[str, Any], dtype: torch.dtype | str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -148,10 +202,12 @@ def ia3_adapter_files(
     ``modules`` maps a module name to ``l`` ((out, 1), or (1, in) when
     ``feedforward``), ``feedforward`` and ``layout``.
     """
+    parts = {name: m for name, m in modules.items() if isinstance(m, PartDelta)}
+    modules = {name: m for name, m in modules.items() if not isinstance(m, PartDelta)}
     if not modules:
         raise ValueError("an adapter needs at least one module")
     torch_dtype = as_dtype(dtype)
-    tensors: dict[str, torch.Tensor] = {}
+    fields, tensors = part_files(parts, {}, torch_dtype)
     feedforward: list[str] = []
     layouts: set[str] = set()
     for name in sorted(modules):
@@ -173,6 +229,7 @@ def ia3_adapter_files(
         "init_ia3_weights": True,
         "inference_mode": True,
         **_template_fields(template),
+        **fields,
     }
     return config, tensors
 

@@ -18,11 +18,12 @@ from safetensors import SafetensorError
 
 from peftdsl import ir
 from peftdsl.errors import InputDataError, InternalError, UsageError
-from peftdsl.inputs import AdapterInfo
+from peftdsl.inputs import AdapterInfo, BaseInfo
 from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, working_bytes
 from peftdsl.operators import OPERATORS, Argument
 from peftdsl.runtime import kernels, ops
-from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta
+from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta, PartDelta
+from peftdsl.runtime.parts import compute_parts
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 from peftdsl.runtime.values import Dense, Ia3, Lora, Value, dense_of, folded_B
 
@@ -54,8 +55,9 @@ class Executor:
     """
 
     def __init__(self, adapters: Mapping[str, AdapterInfo], *, device: torch.device, seed: int,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, base: BaseInfo | None = None):
         self.adapters, self.device, self.seed = adapters, device, seed
+        self.base = base  # read for the task vectors of saved modules, biases and token rows
         self.chunk_bytes = chunk_bytes
         self._stack = contextlib.ExitStack()
         self._files: dict[str, object] = {}
@@ -80,12 +82,18 @@ class Executor:
 
     # ------------------------------------------------------------ driving
 
-    def run(self, task: Task, advance=None) -> dict[str, LoraDelta | DenseDelta | IA3Delta]:
-        """Every module's result, keyed by module name, in sorted order."""
-        results: dict[str, LoraDelta | DenseDelta | IA3Delta] = {}
+    def run(self, task: Task, advance=None) -> dict[str, LoraDelta | DenseDelta | IA3Delta | PartDelta]:
+        """Every module's result, keyed by module name, and every part's (a saved module's
+        weight, a bias, token rows), keyed by tensor name; in sorted order."""
+        results: dict[str, LoraDelta | DenseDelta | IA3Delta | PartDelta] = {}
         for chunk in self.stream(task, advance):
             results.update(chunk)
+        results.update(self.parts(task))
         return dict(sorted(results.items()))
+
+    def parts(self, task: Task) -> dict[str, PartDelta]:
+        """The task's tensors beside the factors, composed (peftdsl.runtime.parts)."""
+        return compute_parts(self, task.form, task.parts) if task.parts else {}
 
     def stream(self, task: Task, advance=None) -> Iterator[dict[str, LoraDelta | DenseDelta | IA3Delta]]:
         """The results chunk by chunk, so that a writer can store each and let it go.

@@ -57,6 +57,23 @@ class IA3Delta:
     layout: Layout = "linear"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartDelta:
+    """A tensor beside the factors (a saved module's weight, a bias, trained token rows), composed.
+
+    Keyed by the tensor's name (`classifier.out_proj.weight`), not a module's. ``value`` is
+    the tensor's new value, or with ``rows`` the new values of those rows only (token rows);
+    with ``add`` it is a delta added to the base's tensor (a `lora_bias` combination).
+    ``role`` and ``saved_module`` say how an adapter output stores it (peftdsl.parts).
+    """
+
+    value: torch.Tensor
+    rows: tuple[int, ...] = ()
+    add: bool = False
+    role: str = "module"  # module | bias | tokens | lora_bias
+    saved_module: str = ""
+
+
 Delta = LoraDelta | DenseDelta | IA3Delta
 
 
@@ -109,6 +126,29 @@ def fold_bias(bias: torch.Tensor, delta: Delta, *, name: str = "") -> torch.Tens
         where = f"module `{name}`: " if name else ""
         raise ValueError(f"{where}(IA)³ vector of shape {tuple(vector.shape)} does not fit bias {tuple(bias.shape)}")
     return (bias.detach().to(dtype) * vector.reshape(bias.shape)).to(bias.dtype)
+
+
+def fold_part(tensor: torch.Tensor | None, part: PartDelta, *, name: str = "") -> torch.Tensor:
+    """The tensor a part sets: its value, the base's with some rows replaced, or the base's plus
+    a delta; in the base tensor's dtype (float32 for a tensor the base lacks)."""
+    import torch
+
+    where = f"`{name}`: " if name else ""
+    if tensor is None:
+        if part.add or part.rows:
+            raise ValueError(f"{where}the base has no such tensor to {'add to' if part.add else 'set rows of'}")
+        return part.value.to(torch.float32).clone()
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    value = part.value.to(device=tensor.device, dtype=dtype)
+    if part.rows:
+        if value.dim() != 2 or tensor.dim() != 2 or value.shape != (len(part.rows), tensor.shape[1]):
+            raise ValueError(f"{where}{len(part.rows)} rows of shape {tuple(value.shape)} do not fit "
+                             f"{tuple(tensor.shape)}")
+        index = torch.tensor(part.rows, device=tensor.device)
+        return tensor.detach().to(dtype).index_copy(0, index, value).to(tensor.dtype)
+    if tuple(value.shape) != tuple(tensor.shape):
+        raise ValueError(f"{where}a value of shape {tuple(value.shape)} does not fit {tuple(tensor.shape)}")
+    return (tensor.detach().to(dtype) + value if part.add else value).to(tensor.dtype)
 
 
 def changes_bias(delta: Delta) -> bool:

@@ -1,0 +1,134 @@
+"""Plan the tensors an adapter carries beside its factors (DESIGN §2 "Beyond factors").
+
+Saved modules (classification heads, `lm_head`), trained biases, trained token rows and
+`lora_bias` deltas are composed as task vectors against the base: for a canonical form
+Σ cᵢ·xᵢ each such tensor becomes W = W_base + Σ cᵢ·(Wᵢ − W_base), a term that does not
+carry it contributing 0. This pass decides, per tensor and before any weight is read,
+which of three equivalent-where-defined computations a composition needs:
+
+- `affine`: every term carries the tensor (the same rows, for tokens), as a value, and
+  the coefficients sum to 1; then W = Σ cᵢ·Wᵢ and the base is not read. This is the
+  only case defined for a tensor the base lacks (a head created at fine-tuning time):
+  the paper's head averaging.
+- `task`: W = W_base + Σ cᵢ·τᵢ; needs the base's tensor.
+- `delta`: every carrier holds a delta (`lora_bias`): Σ cᵢ·dᵢ, added to the base's bias.
+
+Operators pass parts through as their registry row says (`Operator.parts`): `svd`, `pem`
+and `peft_linear` act on factors and carry parts through linearly; `ties`, `dare_*` and
+`magnitude_prune` treat each part's task vectors like any other task tensors, so they are
+not linear and need the base. No torch here: `lint` runs this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from peftdsl import ir
+from peftdsl.inputs import AdapterInfo, BaseInfo, PartInfo
+from peftdsl.ir import adapter_leaves
+from peftdsl.numbers import show_number
+from peftdsl.operators import OPERATORS, Parts
+
+AFFINE, TASK, DELTA = "affine", "task", "delta"
+
+
+@dataclass(frozen=True, slots=True)
+class PartPlan:
+    """How one composition sets one tensor beside the factors."""
+
+    tensor: str
+    mode: str  # affine | task | delta
+    role: str  # the carriers' role (module, bias, tokens, lora_bias); `bias` when they differ
+    shape: tuple[int, ...]  # the composed value: the tensor's shape, or rows × hidden for tokens
+    rows: tuple[int, ...] = ()  # tokens: the union of the terms' rows, sorted
+    saved_module: str = ""  # module: the saved module it belongs to (for `modules_to_save`)
+
+
+@dataclass(frozen=True, slots=True)
+class PartProblem:
+    """Why a composition cannot set a tensor: a type error at the expression (T414)."""
+
+    tensor: str
+    message: str
+    help: str
+
+
+def linear_coefficients(comb: ir.Combination) -> dict[str, float] | None:
+    """The coefficient of each source adapter in the parts of `comb`, through operators that
+    carry parts linearly; None when an operator on the way does not (ties, dare…)."""
+    coefs: dict[str, float] = {}
+    for term in comb.terms:
+        leaf = term.leaf
+        if isinstance(leaf, ir.AdapterLeaf):
+            coefs[leaf.name] = coefs.get(leaf.name, 0.0) + term.coef
+            continue
+        operator = OPERATORS.get(leaf.func)  # no row: the executor says so (InternalError)
+        if operator is None or operator.parts is not Parts.LINEAR:
+            return None
+        inner = linear_coefficients(leaf.arg)
+        if inner is None:
+            return None
+        for name, coef in inner.items():
+            coefs[name] = coefs.get(name, 0.0) + term.coef * coef
+    return coefs
+
+
+def plan_parts(form: ir.Combination, adapters: Mapping[str, AdapterInfo],
+               base: BaseInfo | None) -> tuple[list[PartPlan], list[PartProblem]]:
+    """Every tensor beside the factors that `form` sets, with how; and what it cannot set."""
+    leaves = [name for name in adapter_leaves(form) if name in adapters]
+    carried: dict[str, list[PartInfo]] = {}
+    for leaf in leaves:
+        for tensor, part in adapters[leaf].parts.items():
+            carried.setdefault(tensor, []).append(part)
+    if not carried:
+        return [], []
+    coefs = linear_coefficients(form)
+    plans, problems = [], []
+    for tensor in sorted(carried):
+        parts = carried[tensor]
+        outcome = _plan(tensor, parts, len(parts) == len(leaves), coefs, base)
+        (plans if isinstance(outcome, PartPlan) else problems).append(outcome)
+    return plans, problems
+
+
+def _plan(tensor: str, parts: list[PartInfo], every_term: bool, coefs: dict[str, float] | None,
+          base: BaseInfo | None) -> PartPlan | PartProblem:
+    roles = {part.role for part in parts}
+    first = parts[0]
+    rows = tuple(sorted({row for part in parts for row in part.rows}))
+    shape = (len(rows), first.shape[1]) if first.role == "tokens" else first.shape
+    role = first.role if len(roles) == 1 else "bias"
+    plan = PartPlan(tensor, TASK, role, shape, rows, first.saved_module)
+    if roles == {"lora_bias"}:
+        return PartPlan(tensor, DELTA, role, shape, rows, first.saved_module)
+    total = sum(coefs.values()) if coefs is not None else None
+    same_rows = len({part.rows for part in parts}) == 1
+    if (total is not None and abs(total - 1.0) <= 1e-9 and every_term and same_rows
+            and "lora_bias" not in roles):
+        return PartPlan(tensor, AFFINE, role, shape, rows, first.saved_module)
+    if base is not None and (tensor in base.weights or not base.weights):  # no weights: a pickled base
+        return plan
+    return _problem(tensor, base, total, every_term, same_rows)
+
+
+def _problem(tensor: str, base: BaseInfo | None, total: float | None, every_term: bool,
+             same_rows: bool) -> PartProblem:
+    if base is None:
+        where = "the recipe names no `base`"
+        fix = "name the base model (`base:`) to compose it as a task vector"
+    else:
+        where = f"the base has no `{tensor}` (a module created at fine-tuning time)"
+        fix = "average it: give every term the module and make the weights sum to 1, e.g. `0.5*a + 0.5*b`"
+    if total is None:
+        why = "and `ties`/`dare`/`magnitude_prune` need its task vectors, which are relative to the base"
+    elif not every_term:
+        why = "and not every term carries it, so only a task vector against the base is defined"
+    elif not same_rows:
+        why = "and the terms train different rows of it, so only a task vector against the base is defined"
+    else:
+        why = f"and the weights sum to {show_number(total)}, not 1"
+    return PartProblem(tensor, f"cannot compose `{tensor}`: {where}, {why}",
+                       fix if base is not None or total is not None else
+                       "name the base model (`base:`), or average the terms outside `ties`/`dare`")

@@ -1,0 +1,117 @@
+"""Execute the plan of the tensors beside the factors (`peftdsl.parts`): one tensor at a time.
+
+Each planned tensor is computed from the canonical form as its mode says, in float32 on
+the executor's device:
+
+- `affine`: Σ cᵢ·Wᵢ, from the adapters' values alone;
+- `task`: W_base + Σ cᵢ·τᵢ with τᵢ = Wᵢ − W_base (a `lora_bias` term's τ is its delta sᵢ·bᵢ);
+- `delta`: Σ cᵢ·sᵢ·bᵢ, added to the base's bias when folded.
+
+Token rows live in a frame of the union of the terms' rows: a term that does not train a
+row contributes 0 there. Operators carry parts as their registry row says: linearly
+(`svd`, `pem`, `peft_linear`), or as task tensors handed to the operator's own kernel
+(`ties`, `dare_*`, `magnitude_prune`), with the tensor's name seeding DARE's draws.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peftdsl import ir
+from peftdsl.errors import InputDataError, InternalError
+from peftdsl.operators import OPERATORS, Parts
+from peftdsl.parts import AFFINE, DELTA, TASK, PartPlan
+from peftdsl.runtime import ops
+from peftdsl.runtime.fold import PartDelta
+from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
+
+
+def compute_parts(executor, form: ir.Combination, plans: tuple[PartPlan, ...]) -> dict[str, PartDelta]:
+    """Every planned tensor's composed value, keyed by tensor name, on the CPU."""
+    return {plan.tensor: _PartEvaluation(executor, plan).result(form) for plan in plans}
+
+
+class _PartEvaluation:
+    def __init__(self, executor, plan: PartPlan):
+        self.executor, self.plan = executor, plan
+        self.base = _read_base(executor, plan) if plan.mode == TASK else None
+
+    def result(self, form: ir.Combination) -> PartDelta:
+        value = self.combination(form)
+        if value is None:
+            raise InternalError(f"no term of the form carries `{self.plan.tensor}`")
+        if self.base is not None:
+            value = self.base + value
+        if not all_finite(value):
+            raise InputDataError(f"the result for `{self.plan.tensor}` is not finite (float32 overflow): "
+                                 "scale the coefficients down")
+        plan = self.plan
+        return PartDelta(value=value.cpu(), rows=plan.rows, add=plan.mode == DELTA, role=plan.role,
+                         saved_module=plan.saved_module)
+
+    def combination(self, comb: ir.Combination) -> torch.Tensor | None:
+        parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf)) is not None]
+        if not parts:
+            return None
+        return sum(coef * value for coef, value in parts)
+
+    def leaf(self, leaf: ir.Leaf) -> torch.Tensor | None:
+        if isinstance(leaf, ir.AdapterLeaf):
+            return self.term(leaf.name)
+        operator = OPERATORS[leaf.func]
+        if operator.parts is Parts.LINEAR:
+            return self.combination(leaf.arg)
+        values = [(t.coef, v) for t in leaf.arg.terms if (v := self.leaf(t.leaf)) is not None]
+        if not values:
+            return None
+        shape = values[0][1].shape
+        stacked = torch.stack([v.reshape(1, *_matrix(shape)) for _, v in values])
+        weights = torch.tensor([c for c, _ in values], dtype=torch.float32, device=stacked.device)
+        kernel = getattr(ops, operator.kernel)
+        context = ops.Context(seed=self.executor.seed, modules=(self.plan.tensor,), layout="linear")
+        return kernel((stacked, weights), dict(leaf.options), context).delta.reshape(shape)
+
+    def term(self, adapter: str) -> torch.Tensor | None:
+        """One adapter's contribution: its value (affine), its task vector (task) or its delta."""
+        part = self.executor.adapters[adapter].parts.get(self.plan.tensor)
+        if part is None:
+            return None
+        stored = self.executor._read_stack(adapter, [part.key])[0]
+        if part.is_delta:
+            return stored * part.scaling
+        if part.role == "tokens":
+            return self._rows(part.rows, stored)
+        return stored if self.plan.mode == AFFINE else stored - self.base
+
+    def _rows(self, rows: tuple[int, ...], stored: torch.Tensor) -> torch.Tensor:
+        """Token rows placed in the frame of the union of rows; 0 (no change) on rows not trained."""
+        at = {row: i for i, row in enumerate(self.plan.rows)}
+        index = torch.tensor([at[row] for row in rows], device=stored.device)
+        if self.plan.mode == AFFINE:  # every term trains these very rows
+            return torch.zeros_like(stored).index_copy(0, index, stored)
+        frame = torch.zeros((len(self.plan.rows), stored.shape[1]), device=stored.device)
+        return frame.index_copy(0, index, stored - self.base.index_select(0, index))
+
+
+def _matrix(shape: torch.Size) -> tuple[int, int]:
+    """A tensor's shape as the matrix the task-tensor kernels take: a vector is one row."""
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], int(torch.Size(shape[1:]).numel()))
+
+
+def _read_base(executor, plan: PartPlan) -> torch.Tensor:
+    """The base's value of the tensor in the plan's frame (its rows, for token rows), float32."""
+    base = executor.base
+    shard = base.files.get(plan.tensor) if base is not None else None
+    if shard is None:
+        raise InputDataError(f"the base model has no tensor `{plan.tensor}` to compose a task vector against")
+    try:
+        with SafetensorsReader(shard) as reader:
+            tensor = reader.read(plan.tensor)
+    except OSError as err:
+        raise InputDataError(f"cannot read `{plan.tensor}` from the base ({err})") from err
+    if not all_finite(tensor):
+        raise InputDataError(f"the base's `{plan.tensor}` holds NaN or infinite values")
+    tensor = tensor.to(executor.device, torch.float32)
+    if plan.rows:
+        tensor = tensor.index_select(0, torch.tensor(plan.rows, device=tensor.device))
+    return tensor
