@@ -244,7 +244,18 @@ class Composition:
     def deltas(self) -> dict[str, torch.Tensor]:
         """{module name: ΔW} in each base weight's own layout (out×in for Linear, in×out for
         GPT-2's Conv1D, vocab×dim for embeddings), float32 on the CPU; (IA)³: the vectors l."""
-        return {name: _weight_frame(delta).clone() for name, delta in self._module_deltas().items()}
+        from peftdsl.runtime.fold import PartDelta
+
+        return {name: _weight_frame(delta).clone() for name, delta in self._module_deltas().items()
+                if not isinstance(delta, PartDelta)}
+
+    def parts(self) -> dict:
+        """{tensor name: PartDelta} for what the composition sets beside the factors (saved
+        modules, biases, token rows; docs/recipes.md): `.value` the tensor's new value (with
+        `.rows`: those rows' values), or with `.add` a delta to add to the base's tensor."""
+        from peftdsl.runtime.fold import PartDelta
+
+        return {name: delta for name, delta in self._module_deltas().items() if isinstance(delta, PartDelta)}
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the composition where `path` says, exactly as `peftdsl run` writes the recipe's

@@ -37,6 +37,9 @@ _NONLINEAR_FLAGS = {
     "target_parameters": "LoRA on raw parameters (`target_parameters`) is not supported",
 }
 SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
+# Names transformers gives input embeddings, which a tied output layer shares.
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                     "shared.weight")
 
 # `init_lora_weights` values whose initialisation rewrites the base weight when PEFT loads
 # the adapter (PiSSA and its `pissa_niter_*` variants, CorDA, OLoRA: W − B₀A₀; LoftQ: a
@@ -125,6 +128,19 @@ class BaseInfo:
 
     def module_weight(self, module: str) -> TensorInfo | None:
         return self.weights.get(f"{module}.weight")
+
+    def stored_as(self, tensor: str, shape: tuple[int, ...]) -> str | None:
+        """The stored tensor that holds `tensor`'s base value: itself, or for the output layer of
+        a model that ties it to its input embeddings (stored once, as the embedding), that
+        embedding; None when the base has no such tensor."""
+        if tensor in self.weights:
+            return tensor
+        config = self.config.get("text_config") or self.config
+        if not tensor.endswith("lm_head.weight") or not config.get("tie_word_embeddings", True):
+            return None
+        tied = [name for name, info in self.weights.items()
+                if name.endswith(_INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
+        return tied[0] if len(tied) == 1 else None
 
 
 class InputError(Exception):

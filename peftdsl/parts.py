@@ -108,7 +108,7 @@ def _plan(tensor: str, parts: list[PartInfo], every_term: bool, coefs: dict[str,
     if (total is not None and abs(total - 1.0) <= 1e-9 and every_term and same_rows
             and "lora_bias" not in roles):
         return PartPlan(tensor, AFFINE, role, shape, rows, first.saved_module)
-    if base is not None and (tensor in base.weights or not base.weights):  # no weights: a pickled base
+    if base is not None and (not base.weights or base.stored_as(tensor, first.shape)):  # no weights: pickled
         return plan
     return _problem(tensor, base, total, every_term, same_rows)
 

@@ -268,7 +268,8 @@ def test_heads_in_the_base_compose_as_task_vectors(roberta, tmp_path, expr, coef
 
 
 @pytest.mark.parametrize("expr, coefs", [("0.5*a + 0.5*b", [0.5, 0.5]), ("0.2*a + 0.3*b + 0.5*c", [0.2, 0.3, 0.5]),
-                                         ("pem(0.5*a + 0.5*b)", None), ("svd(0.5*a + 0.5*b, rank=2)", None)])
+                                         ("pem(0.5*a + 0.5*b)", None), ("svd(0.5*a + 0.5*b, rank=2)", None),
+                                         ("peft_linear(0.5*a + 0.5*b)", None)])
 def test_heads_the_base_lacks_are_averaged(roberta, tmp_path, expr, coefs):
     """The paper's RoBERTa setting: the base (a masked LM) has no head; heads are averaged."""
     (tmp_path / "base").symlink_to(roberta / "mlm_base")
@@ -394,3 +395,66 @@ def test_part_shapes_must_agree(roberta, tmp_path, capsys):
     assert main(["lint", "--format", "concise", str(recipe)]) == 1
     out = capsys.readouterr().out
     assert "error[I307] `classifier.out_proj.bias` has shape 5 in `wide` but 3 in `a`" in out
+
+
+def model_state(base_dir: Path, auto=AutoModelForCausalLM) -> dict[str, torch.Tensor]:
+    """The base's tensors as the model sees them: a tied `lm_head.weight` is the embedding."""
+    return {k: v.detach().float().clone() for k, v in auto.from_pretrained(base_dir).state_dict().items()}
+
+
+def test_saved_lm_head_of_a_tied_model_is_untied(tmp_path):
+    """GPT-2 stores `lm_head` only as `wte` (tied). A saved `lm_head` composes against that
+    shared tensor, and the merged model gets an `lm_head` of its own, untied."""
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    for i, name in enumerate(("a", "b"), start=1):
+        make_lora(tmp_path / name, base="gpt2", targets=("c_attn",), seed=i, modules_to_save=["lm_head"])
+    recipe = write_recipe(tmp_path, "0.7*a + 0.7*b", {"a": "a", "b": "b"})
+    peftdsl.load(recipe).run()
+    reference = task_arithmetic(model_state(tmp_path / "base"),
+                                [peft_merged(tmp_path / "base", tmp_path / n) for n in ("a", "b")], [0.7, 0.7])
+    out = tmp_path / "out" / "merged"
+    got = output_state(out)
+    assert_matches(reference, got)
+    assert not torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "out" / "mix").eval()
+    assert torch.allclose(logits(loaded, ids), logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids),
+                          atol=1e-4)
+
+
+def test_ia3_with_a_saved_module(tmp_path):
+    from factories import make_ia3
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    for i, name in enumerate(("a", "b"), start=1):
+        make_ia3(tmp_path / name, seed=i)
+        # PEFT's IA3Config takes modules_to_save too; give the saved head a trained value.
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        config["modules_to_save"] = ["lm_head"]
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        weights = tmp_path / name / "adapter_model.safetensors"
+        from safetensors.torch import save_file
+
+        tensors = load_file(weights)
+        head = base_state(tmp_path / "base")["lm_head.weight"]
+        tensors["base_model.model.lm_head.weight"] = head + 0.05 * torch.randn(head.shape,
+                                                                             generator=torch.Generator().manual_seed(i))
+        save_file(tensors, weights, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, "0.6*a + 0.6*b", {"a": "a", "b": "b"})
+    peftdsl.load(recipe).run()
+    reference = task_arithmetic(base_state(tmp_path / "base"),
+                                [peft_merged(tmp_path / "base", tmp_path / n) for n in ("a", "b")], [0.6, 0.6])
+    got = output_state(tmp_path / "out" / "merged")
+    assert_matches({"lm_head.weight": reference["lm_head.weight"]}, got)
+    config = json.loads((tmp_path / "out" / "mix" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and config["modules_to_save"] == ["lm_head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "out" / "mix").eval()
+    head = loaded.base_model.model.lm_head.modules_to_save["default"].weight
+    assert torch.allclose(head, reference["lm_head.weight"], atol=ATOL)

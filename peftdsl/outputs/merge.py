@@ -216,7 +216,7 @@ def plan_shards(
     return shards
 
 
-def tied_groups(base_dir: Path, stored: Collection[str]) -> dict[str, tuple[str, ...]]:
+def tied_groups(base_dir: Path, stored: Collection[str], task: str | None = None) -> dict[str, tuple[str, ...]]:
     """Map each stored tensor that is tied to other parameters to its whole group.
 
     With ``tie_word_embeddings`` the base usually stores the shared tensor once
@@ -230,12 +230,16 @@ def tied_groups(base_dir: Path, stored: Collection[str]) -> dict[str, tuple[str,
     aimed at a tensor that is not stored.
     """
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        import transformers
+        from transformers import AutoConfig
+
+        from peftdsl import tasks
 
         config = AutoConfig.from_pretrained(base_dir)
+        auto = getattr(transformers, tasks.auto_class(task or tasks.CAUSAL_LM))  # T5 ties as a Seq2SeqLM
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto.from_config(config)
     except Exception:  # noqa: BLE001 — no model, no known ties
         return {}
     by_parameter: dict[int, list[str]] = {}
@@ -313,7 +317,7 @@ def write_merged(
     entries = [entry for source in sources for entry in _read_entries(source)]
     stored = {entry.name for entry in entries}
     expected = set(expect if expect is not None else getattr(transform, "weight_names", ()))
-    groups = tied_groups(base_dir, stored) if _may_touch_tied(base_dir, expected, entries) else {}
+    groups = tied_groups(base_dir, stored, task) if _may_touch_tied(base_dir, expected, entries) else {}
     _check_expected(expected, stored, groups)
     added = _added_parts(getattr(transform, "parts", {}), stored)
     changes, kept = _new_model_class(base_dir, added, task) if added else ({}, None)

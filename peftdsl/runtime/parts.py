@@ -101,12 +101,13 @@ def _matrix(shape: torch.Size) -> tuple[int, int]:
 def _read_base(executor, plan: PartPlan) -> torch.Tensor:
     """The base's value of the tensor in the plan's frame (its rows, for token rows), float32."""
     base = executor.base
-    shard = base.files.get(plan.tensor) if base is not None else None
+    name = base.stored_as(plan.tensor, plan.shape) if base is not None and not plan.rows else plan.tensor
+    shard = base.files.get(name) if base is not None and name is not None else None
     if shard is None:
         raise InputDataError(f"the base model has no tensor `{plan.tensor}` to compose a task vector against")
     try:
         with SafetensorsReader(shard) as reader:
-            tensor = reader.read(plan.tensor)
+            tensor = reader.read(name)
     except OSError as err:
         raise InputDataError(f"cannot read `{plan.tensor}` from the base ({err})") from err
     if not all_finite(tensor):
