@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftdsl import ir
-from peftdsl.ir import adapter_leaves  # noqa: F401 — re-exported: the plan's callers read leaves here
 from peftdsl.check import op_leaves
-from peftdsl.inputs import ModuleInfo
-from peftdsl.numbers import show_bytes, show_flops
 from peftdsl.errors import UsageError
+from peftdsl.inputs import ModuleInfo
+from peftdsl.ir import adapter_leaves  # noqa: F401 — re-exported: the plan's callers read leaves here
+from peftdsl.numbers import show_bytes, show_flops
 from peftdsl.operators import OPERATORS, RankContext
 from peftdsl.parts import PartPlan, plan_parts
 from peftdsl.spans import Span
