@@ -202,6 +202,9 @@ def _report_schema_error(loaded: LoadedYaml, error: dict, loc: tuple, sink: Sink
 # ---------------------------------------------------------------- the IR
 
 
+# What `kind:` declares: a full fine-tune's value is a dense task vector.
+_DECLARED_KINDS = {"lora": ir.Kind.LORA, "ia3": ir.Kind.IA3, "full": ir.Kind.DENSE}
+
 class _Builder:
     def __init__(self, loaded: LoadedYaml, spec: schema.RecipeSpec, sink: Sink):
         self.loaded, self.spec, self.sink = loaded, spec, sink
@@ -269,7 +272,7 @@ class _Builder:
             return None
         return ir.Adapter(
             name=name, location=spec.path, path=self._resolve(spec.path), sha256=spec.sha256,
-            kind=ir.Kind(spec.kind) if spec.kind else None, rank=spec.rank,
+            kind=_DECLARED_KINDS.get(spec.kind), rank=spec.rank,
             span=self.span("adapters", name, "path"), name_span=name_span,
         )
 

@@ -51,8 +51,9 @@ def canonicalise(recipe: ir.Recipe, kinds: Mapping[str, Kind | None], sink: Sink
             forms[comp.name] = value
             folder.compositions[comp.name] = value
     if CHECK_INVARIANTS:
+        dense_sources = frozenset(a.name for a in recipe.adapters if kinds.get(a.name) is Kind.DENSE)
         for name, form in forms.items():
-            problems = invariant_violations(form)
+            problems = invariant_violations(form, dense_sources)
             if problems:
                 raise AssertionError(f"canonical form of `{name}` breaks its invariants: {'; '.join(problems)}")
     return forms
@@ -219,12 +220,12 @@ class _Canonicaliser:
 
 
 
-def invariant_violations(comb: ir.Combination) -> list[str]:
+def invariant_violations(comb: ir.Combination, dense_sources: frozenset[str] = frozenset()) -> list[str]:
     """What is wrong with a combination claimed canonical (empty when nothing is).
 
     The invariants every later stage relies on: distinct leaves, in `leaf_text` order,
     finite non-zero coefficients, a kind that its terms allow (dense only if a dense
-    term is present), and function leaves whose arguments are canonical in turn. Tests
+    term is present: a dense function or a full fine-tune in `dense_sources`), and function leaves whose arguments are canonical in turn. Tests
     run it after canonicalisation on generated expressions.
     """
     problems = []
@@ -236,12 +237,14 @@ def invariant_violations(comb: ir.Combination) -> list[str]:
         problems.append("terms are not in leaf order")
     problems += [f"`{t}` has weight {term.coef}" for t, term in zip(texts, comb.terms)
                  if term.coef == 0 or not math.isfinite(term.coef)]
-    leaf_kinds = {term.leaf.kind if isinstance(term.leaf, ir.OpLeaf) else None for term in comb.terms}
+    leaf_kinds = {term.leaf.kind if isinstance(term.leaf, ir.OpLeaf)
+                  else Kind.DENSE if term.leaf.name in dense_sources else None for term in comb.terms}
     if comb.kind is Kind.DENSE and comb.terms and Kind.DENSE not in leaf_kinds:
         problems.append("dense without a dense term")
     if comb.kind is not Kind.DENSE and Kind.DENSE in leaf_kinds:
         problems.append(f"{comb.kind} with a dense term")
     for term in comb.terms:
         if isinstance(term.leaf, ir.OpLeaf):
-            problems += [f"in `{ir.leaf_text(term.leaf)}`: {p}" for p in invariant_violations(term.leaf.arg)]
+            problems += [f"in `{ir.leaf_text(term.leaf)}`: {p}"
+                         for p in invariant_violations(term.leaf.arg, dense_sources)]
     return problems

@@ -22,12 +22,12 @@ from peftdsl.inputs import (
     BaseInfo,
     InputError,
     locate_adapter,
-    read_adapter,
+    read_source,
     read_base,
 )
 from peftdsl.ir import adapter_leaves
 from peftdsl.operators import OPERATORS
-from peftdsl.parts import DELTA, plan_parts
+from peftdsl.parts import DELTA, drops_full_parts, plan_parts
 from peftdsl.spans import Span
 
 if TYPE_CHECKING:
@@ -200,13 +200,14 @@ def read_inputs(recipe: ir.Recipe, sink: Sink, *, use_files: bool, allow_pickle:
     """
     given = given or {}
     adapters: dict[str, AdapterInfo] = {}
+    base = _read_base(recipe, sink) if use_files else None  # full fine-tunes are read against it
     for adapter in recipe.adapters:
         # An in-memory source stands for the file even when it was refused (None): never read both.
-        info = given[adapter.name] if adapter.name in given else _read_one(adapter, sink, use_files, allow_pickle)
+        info = (given[adapter.name] if adapter.name in given
+                else _read_one(adapter, sink, use_files, allow_pickle, base))
         if info is not None:
             adapters[adapter.name] = info
             _check_declared(adapter, info, sink)
-    base = _read_base(recipe, sink) if use_files else None
     _check_base_names(recipe, adapters, sink)
     adapters = _settle_layouts(adapters, base)
     _check_shapes(recipe, adapters, base, sink)
@@ -232,14 +233,16 @@ def _read_base(recipe: ir.Recipe, sink: Sink) -> BaseInfo | None:
     return None
 
 
-def _read_one(adapter: ir.Adapter, sink: Sink, use_files: bool, allow_pickle: bool) -> AdapterInfo | None:
+def _read_one(adapter: ir.Adapter, sink: Sink, use_files: bool, allow_pickle: bool,
+              base: BaseInfo | None) -> AdapterInfo | None:
     if not use_files:
         if adapter.kind is None:
             sink.emit("I308", f"adapter `{adapter.name}` declares no `kind`, so --no-inputs cannot check it",
                       adapter.name_span, help="declare `kind: lora` (and `rank:`) in the long form")
         return None
     try:
-        return read_adapter(adapter.name, locate_adapter(adapter), allow_pickle=allow_pickle)
+        return read_source(adapter.name, locate_adapter(adapter), allow_pickle=allow_pickle, base=base,
+                           declared=adapter.kind)
     except InputError as err:
         message = _as_written(err.message, adapter.path, adapter.location)
         sink.emit(err.code, message, adapter.span, help=err.help)
@@ -274,7 +277,8 @@ def _settle_layouts(adapters: Mapping[str, AdapterInfo], base: BaseInfo | None) 
     if base is None or not base.weights:
         return dict(adapters)
     conv1d_model = base.config.get("model_type") in CONV1D_MODEL_TYPES
-    return {name: _with_base_layouts(info, base, conv1d_model) for name, info in adapters.items()}
+    return {name: info if info.kind is Kind.DENSE else _with_base_layouts(info, base, conv1d_model)
+            for name, info in adapters.items()}  # a full fine-tune's layouts come from its own read
 
 
 def _with_base_layouts(info: AdapterInfo, base: BaseInfo, conv1d_model: bool) -> AdapterInfo:
@@ -324,6 +328,8 @@ def _check_shapes(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: 
     seen: dict[str, tuple[str, tuple[int, int], bool]] = {}
     for name, info in adapters.items():
         adapter = recipe.adapter(name)
+        if info.kind is Kind.DENSE:  # a full fine-tune: read against the base, tensor by tensor
+            continue
         for module in info.modules.values():
             shape = (module.out_features, module.in_features)
             if info.kind is Kind.LORA:  # (IA)³ vectors know one dimension only; the base check covers them
@@ -539,6 +545,11 @@ class KindInference:
             if spec.required and spec.name not in given and spec.name not in guessed:
                 self.sink.emit("T406", f"`{expr.func}` needs `{spec.name}=`", expr.span,
                                help=f"`{spec.name}`: {spec.description}")
+        for first, second in function.exclusive:
+            if first in given and second in given:
+                later = next(k for k in expr.keywords if k.name == second)
+                self.sink.emit("T406", f"`{expr.func}` takes `{first}=` or `{second}=`, not both", later.span,
+                               help="they are two rules for one choice of rank")
 
 
 # ---------------------------------------------------------------- after canonicalisation
@@ -569,8 +580,31 @@ def check_compositions(analysis: Analysis, sink: Sink, *, use_files: bool = True
         if comb.kind is Kind.IA3:
             _check_feedforward(analysis, comb, sink)
     check_parts(analysis, sink)
+    check_dropped(analysis, sink)
     check_outputs(analysis, sink)
     _check_evals(analysis, sink, use_files)
+
+
+def check_dropped(analysis: Analysis, sink: Sink) -> None:
+    """`svd` of a full fine-tune keeps what LoRA factors can hold, its modules' weights: say
+    which of its tensors are dropped (T415), once per `svd`, with `rest="save"` as the fix."""
+    for leaf in op_leaves_of(analysis):
+        if not drops_full_parts(leaf):
+            continue
+        dropped = sorted({t for name in adapter_leaves(leaf.arg) if name in analysis.adapters
+                          for t, p in analysis.adapters[name].parts.items() if p.role == "full"})
+        if dropped:
+            shown = ", ".join(f"`{t}`" for t in dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+            sink.emit("T415", f"`svd` extracts LoRA factors of module weights only: {len(dropped)} tensors of the "
+                      f"full fine-tune are dropped ({shown})", leaf.span,
+                      help='pass `rest="save"` to keep them whole (as modules_to_save)')
+
+
+def op_leaves_of(analysis: Analysis) -> list[ir.OpLeaf]:
+    leaves: dict[ir.OpLeaf, None] = {}
+    for comb in analysis.canonical.values():
+        leaves.update(dict.fromkeys(op_leaves(comb)))
+    return list(leaves)
 
 
 def check_parts(analysis: Analysis, sink: Sink) -> None:

@@ -88,7 +88,7 @@ class PartInfo:
     """
 
     tensor: str
-    role: str  # module | bias | tokens | lora_bias
+    role: str  # module | bias | tokens | lora_bias | full
     key: str  # the safetensors key holding it
     shape: tuple[int, ...]  # as stored: tokens are rows × hidden
     dtype: str
@@ -113,6 +113,8 @@ class AdapterInfo:
     task_type: str | None
     state: Mapping | None = None  # the tensors of a source given in memory (the Python API)
     parts: Mapping[str, PartInfo] = field(default_factory=dict)  # by the tensor they set
+    files: tuple[Path, ...] = ()  # a full fine-tune: its weight shards (what its pin covers)
+    tensor_files: Mapping[str, Path] = field(default_factory=dict)  # a full fine-tune: tensor -> shard
 
     @property
     def rank(self) -> int | None:
@@ -275,6 +277,105 @@ def resolve_hf(location: str) -> Path:
     except (LocalEntryNotFoundError, OSError, ValueError) as err:
         raise InputError("I301", f"`{location}` is not in the Hugging Face cache",
                          f"download it once with `huggingface-cli download {repo}`") from err
+
+
+def is_full_model(folder: Path) -> bool:
+    """A model folder (a full fine-tune): `config.json` and weights, no `adapter_config.json`."""
+    return (path_kind(folder / "adapter_config.json") is None and path_kind(folder / "config.json") == "file"
+            and any(path_kind(folder / name) is not None for name in _MODEL_WEIGHT_FILES))
+
+
+_MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")
+
+
+def source_files(name: str, folder: Path, *, allow_pickle: bool = False) -> list[Path]:
+    """The files a source's pin covers: an adapter's weights file, or a model's weight shards."""
+    if is_full_model(folder):
+        files = base_weight_files(folder)
+        if files[0].suffix == ".bin" and not allow_pickle:
+            raise InputError("I310", f"full fine-tune `{name}` stores its weights as a pickle (`{files[0].name}`)",
+                             "convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
+        return [_confined(folder, f) for f in files]
+    return [adapter_weights(name, folder, allow_pickle=allow_pickle)]
+
+
+def read_source(name: str, folder: Path, *, allow_pickle: bool = False, base: BaseInfo | None = None,
+                declared: ir.Kind | None = None) -> AdapterInfo:
+    """A source's metadata: a PEFT adapter, or a full fine-tune of `base` (declared `kind: full`,
+    or a model folder without `adapter_config.json`)."""
+    if declared is ir.Kind.DENSE or (declared is None and is_full_model(folder)):
+        return read_full(name, folder, base, allow_pickle=allow_pickle)
+    return read_adapter(name, folder, allow_pickle=allow_pickle)
+
+
+def read_full(name: str, folder: Path, base: BaseInfo | None, *, allow_pickle: bool = False) -> AdapterInfo:
+    """A full fine-tune of `base` as a dense source (DESIGN §2 "Full fine-tunes as task vectors").
+
+    Its value is τ = θ − θ_base for every tensor. Matrices whose base tensor is a module's
+    2-D weight (not an input embedding) are *modules*: dense deltas that `svd` can turn into
+    LoRA factors. Every other tensor (norms, biases, embeddings, …) is a *part* composed as a
+    task vector against the base, like a saved module's weights. Shapes and dtypes are
+    checked against the base from the headers alone; a resized vocabulary names the tensor.
+    """
+    if path_kind(folder / "config.json") != "file":
+        raise InputError("I302", f"full fine-tune `{name}` has no `config.json`",
+                         "a full source is a model folder as `save_pretrained` writes it")
+    if base is None:
+        raise InputError("I301", f"full fine-tune `{name}` needs the recipe's `base`: its value is θ − θ_base",
+                         "add `base: path/to/the/model/it/was/fine-tuned/from`")
+    files = source_files(name, folder, allow_pickle=allow_pickle)
+    if files[0].suffix == ".bin":
+        raise InputError("I310", f"full fine-tune `{name}`: pickled full fine-tunes are not supported",
+                         "convert it to safetensors (`save_pretrained(..., safe_serialization=True)`)")
+    if not base.weights:
+        raise InputError("I304", f"full fine-tune `{name}` needs a safetensors base to be checked against")
+    tensors, where = {}, {}
+    for shard in files:
+        header, _ = read_safetensors_header(shard)
+        tensors.update(header)
+        where.update(dict.fromkeys(header, shard))
+    conv1d = base.config.get("model_type") in _CONV1D_MODEL_TYPES
+    modules, parts = {}, {}
+    for key in sorted(tensors):
+        info, stored = tensors[key], base.weights.get(key)
+        if stored is None:
+            raise InputError("I307", f"full fine-tune `{name}` has `{key}`, which the base model does not have",
+                             "a fine-tune of another base model?")
+        if tuple(info.shape) != tuple(stored.shape):
+            raise InputError("I307", f"full fine-tune `{name}`: `{key}` is {_shape_text(info.shape)} but "
+                             f"{_shape_text(stored.shape)} in the base" + (
+                                 " (a resized vocabulary?)" if key.endswith((*_INPUT_EMBEDDINGS, "lm_head.weight"))
+                                 else ""),
+                             "a fine-tune of another base model, or one with added tokens")
+        if info.dtype not in FLOAT_DTYPES:
+            if info.dtype != stored.dtype:
+                raise InputError("I307", f"full fine-tune `{name}`: `{key}` is {info.dtype}, {stored.dtype} in the base")
+            continue  # integer buffers (position ids…): not trained
+        if len(info.shape) == 2 and key.endswith(".weight") and not key.endswith(_INPUT_EMBEDDINGS):
+            module = key[: -len(".weight")]
+            out_features, in_features = info.shape[::-1] if conv1d else info.shape
+            modules[module] = ModuleInfo(name=module, out_features=out_features, in_features=in_features,
+                                         layout="conv1d" if conv1d else "linear", keys=(key,), dtype=info.dtype)
+        else:
+            parts[key] = PartInfo(key, "full", key, tuple(info.shape), info.dtype)
+    missing = sorted(set(k for k, t in base.weights.items() if t.dtype in FLOAT_DTYPES) - set(tensors))
+    if missing:
+        raise InputError("I307", f"full fine-tune `{name}` lacks `{missing[0]}`, which the base model has"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                         "a fine-tune of another base model, or a partial checkpoint")
+    config = _read_json(folder / "config.json", "I302")
+    return AdapterInfo(name=name, kind=ir.Kind.DENSE, path=folder, weights=files[0], config=config,
+                       modules=modules, base_model=config.get("_name_or_path") or None, task_type=None,
+                       parts=parts, files=tuple(files), tensor_files=where)
+
+
+def _shape_text(shape) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+# transformers models whose projections are `Conv1D` (weights stored in×out).
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 
 def read_adapter(name: str, folder: Path, *, allow_pickle: bool = False) -> AdapterInfo:

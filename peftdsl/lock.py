@@ -16,7 +16,7 @@ from pathlib import Path
 
 from peftdsl.build import build_recipe, read_source
 from peftdsl.diagnostics import Sink
-from peftdsl.inputs import InputError, adapter_weights, locate_adapter
+from peftdsl.inputs import InputError, locate_adapter, source_files
 from peftdsl.numbers import plural
 from peftdsl.spans import SourceFile
 from peftdsl.yamlload import load_yaml
@@ -28,6 +28,15 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """A source's pin: its one file's sha256, or for a sharded model the sha256 of the lines
+    `<shard name> <shard sha256>`, in order (a changed, renamed or added shard changes it)."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in paths)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def lock_command(path: Path) -> int:
@@ -42,8 +51,8 @@ def lock_command(path: Path) -> int:
         for adapter in recipe.adapters:
             try:
                 # The file `run` reads and checks the pin of: the safetensors, else a pickle.
-                weights = adapter_weights(adapter.name, locate_adapter(adapter), allow_pickle=True)
-                pins[adapter.name] = sha256_file(weights)
+                files = source_files(adapter.name, locate_adapter(adapter), allow_pickle=True)
+                pins[adapter.name] = sha256_files(files)
             except InputError as err:
                 sink.emit(err.code, err.message, adapter.span, help=err.help)
             except OSError as err:

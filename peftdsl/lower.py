@@ -110,6 +110,8 @@ def group_rank(comb: ir.Combination, group: Group) -> int | None:
     for term in comb.terms:
         leaf = term.leaf
         if isinstance(leaf, ir.AdapterLeaf):
+            if ranks.get(leaf.name) == 0:  # a full fine-tune's dense task vector
+                return None
             total += ranks.get(leaf.name, 0)
             continue
         context = RankContext(options=dict(leaf.options), inner=group_rank(leaf.arg, group),

@@ -29,6 +29,7 @@ class Keyword:
     low: float | None = None  # inclusive unless low_open
     high: float | None = None  # inclusive
     low_open: bool = False
+    high_open: bool = False
     choices: tuple[str, ...] = ()
     default: object = None
     description: str = ""
@@ -46,8 +47,8 @@ class Keyword:
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return f"must be {'>' if self.low_open else '≥'} {show_number(self.low)}" + (
                 f" and ≤ {show_number(self.high)}" if self.high is not None else "")
-        if self.high is not None and value > self.high:
-            return f"must be ≤ {show_number(self.high)}"
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return f"must be {'<' if self.high_open else '≤'} {show_number(self.high)}"
         return None
 
 
@@ -95,6 +96,7 @@ class Operator:
     note: tuple[str, str, str] | None = None  # (code, message, help) said once when the operator is used
     summary: str = ""
     parts: Parts = Parts.LINEAR  # how the argument's saved modules, biases and token rows pass through
+    exclusive: tuple[tuple[str, str], ...] = ()  # keyword pairs that may not be given together
 
     def keyword(self, name: str) -> Keyword | None:
         return next((k for k in self.keywords if k.name == name), None)
@@ -142,9 +144,16 @@ OPERATORS: dict[str, Operator] = {
     for op in (
         Operator("svd", _LORA_OR_DENSE, Kind.LORA,
                  (Keyword("rank", "int", required=True, low=1, description="rank of the result"),
-                  Keyword("clamp", "float", low=0.0, high=1.0, description="quantile to clamp values at")),
+                  Keyword("clamp", "float", low=0.0, high=1.0, description="quantile to clamp values at"),
+                  Keyword("keep", "float", low=0.0, low_open=True, high=1.0,
+                          description="per module, the smallest rank ≤ `rank` holding this share of ‖ΔW‖_F"),
+                  Keyword("tol", "float", low=0.0, high=1.0, high_open=True,
+                          description="per module, keep the singular values ≥ tol·σ₁ (at most `rank`)"),
+                  Keyword("rest", "choice", choices=("drop", "save"), default="drop",
+                          description="a full fine-tune's tensors a LoRA cannot hold (norms, biases, "
+                          "embeddings): dropped (warned), or saved whole as modules_to_save")),
                  _truncated, Argument.VALUE, "svd",
-                 summary="best rank-k approximation of the delta (Eckart–Young)"),
+                 summary="best rank-k approximation of the delta (Eckart–Young)", exclusive=(("keep", "tol"),)),
         Operator("pem", frozenset({Kind.LORA}), Kind.LORA, (), _common_rank, Argument.FACTORS, "pem",
                  adapters_only=True, equal_ranks=True, note=_PEM_NOTE,
                  summary="the paper's parameter-space arithmetic: A = Σ|c|·A, B = Σ c·s·B"),

@@ -74,17 +74,48 @@ def linear_coefficients(comb: ir.Combination) -> dict[str, float] | None:
     return coefs
 
 
+def drops_full_parts(leaf: ir.OpLeaf) -> bool:
+    """Whether an operator leaf leaves out its argument's full-fine-tune tensors that are no
+    module's weight (norms, biases, embeddings): `svd` extracting a LoRA, unless `rest="save"`."""
+    operator = OPERATORS.get(leaf.func)
+    return operator is not None and operator.keyword("rest") is not None and dict(leaf.options).get("rest") != "save"
+
+
+def _visible(comb: ir.Combination, adapters: Mapping[str, AdapterInfo],
+             dropping: bool = False) -> set[tuple[str, str]]:
+    """(adapter, tensor) pairs whose part reaches the result by at least one path."""
+    seen: set[tuple[str, str]] = set()
+    for term in comb.terms:
+        leaf = term.leaf
+        if isinstance(leaf, ir.AdapterLeaf):
+            info = adapters.get(leaf.name)
+            if info is not None:
+                seen.update((leaf.name, t) for t, p in info.parts.items() if not (dropping and p.role == "full"))
+        else:
+            seen |= _visible(leaf.arg, adapters, dropping or drops_full_parts(leaf))
+    return seen
+
+
+def _drops_anything(comb: ir.Combination, adapters: Mapping[str, AdapterInfo]) -> bool:
+    return any(isinstance(t.leaf, ir.OpLeaf) and (drops_full_parts(t.leaf) or _drops_anything(t.leaf.arg, adapters))
+               for t in comb.terms)
+
+
 def plan_parts(form: ir.Combination, adapters: Mapping[str, AdapterInfo],
                base: BaseInfo | None) -> tuple[list[PartPlan], list[PartProblem]]:
     """Every tensor beside the factors that `form` sets, with how; and what it cannot set."""
     leaves = [name for name in adapter_leaves(form) if name in adapters]
     carried: dict[str, list[PartInfo]] = {}
+    visible = _visible(form, adapters)
     for leaf in leaves:
         for tensor, part in adapters[leaf].parts.items():
-            carried.setdefault(tensor, []).append(part)
+            if (leaf, tensor) in visible:
+                carried.setdefault(tensor, []).append(part)
     if not carried:
         return [], []
-    coefs = linear_coefficients(form)
+    # Where `svd` drops a full fine-tune's other tensors, a term may reach a tensor by one path
+    # and not by another: only a task vector against the base is then right.
+    coefs = linear_coefficients(form) if not _drops_anything(form, adapters) else None
     plans, problems = [], []
     for tensor in sorted(carried):
         parts = carried[tensor]

@@ -31,7 +31,8 @@ from peftdsl.errors import (
     UntrainedWeights,
     UsageError,
 )
-from peftdsl.lock import sha256_file
+from peftdsl.lock import sha256_files
+from peftdsl.check import op_leaves
 from peftdsl.lower import adapter_leaves, group_rank, lower, planned_peak
 from peftdsl.numbers import show_point
 from peftdsl.progress import progress
@@ -89,6 +90,7 @@ class Session:
         self.hashes: dict[str, str] = {}
         self.recipe_sha256 = hashlib.sha256(analysis.recipe.span.source.text.encode("utf-8")).hexdigest()
         self.written: list[str] = []  # outputs complete on disk, in order
+        self.rank_summaries: dict[str, str] = {}  # outputs whose ranks `svd(keep=/tol=)` chose
         self.executor = Executor(analysis.adapters, device=self.device, seed=analysis.recipe.seed,
                                  base=analysis.base)
 
@@ -108,7 +110,8 @@ class Session:
             info = self.analysis.adapters.get(adapter.name)
             if info is None:
                 continue
-            digest = memory_sha256(info) if info.state is not None else sha256_file(info.weights)
+            digest = (memory_sha256(info) if info.state is not None
+                      else sha256_files(list(info.files) or [info.weights]))
             self.hashes[adapter.name] = digest
             if adapter.sha256 is None and locked:
                 self.sink.emit("I311", f"adapter `{adapter.name}` has no sha256 pin and --locked was given",
@@ -181,6 +184,12 @@ class Session:
             elif form.kind is Kind.IA3:
                 config, tensors = write.ia3_adapter_files(self.deltas(out.name), template=template, dtype=dtype)
                 write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
+            elif selects_ranks(form):  # ranks known only once computed: no header before the data
+                deltas = self.deltas(out.name)
+                provenance["ranks"] = chosen_ranks(deltas)
+                config, tensors = write.lora_adapter_files(deltas, template=template, dtype=dtype)
+                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
+                self.rank_summaries[out.name] = rank_summary(provenance["ranks"])
             else:
                 self._stream_lora_output(out, template, dtype, provenance, force)
         except OutputExists:
@@ -282,6 +291,27 @@ class Session:
             "dtype": dtype,
             "merge": out.merge,
         }
+
+
+def selects_ranks(form: ir.Combination) -> bool:
+    """Whether an `svd(..., keep=, tol=)` chooses ranks from the data somewhere in `form`."""
+    return any(leaf.func == "svd" and ({"keep", "tol"} & dict(leaf.options).keys())
+               for leaf in op_leaves(form))
+
+
+def chosen_ranks(deltas: Mapping) -> dict[str, dict[str, float]]:
+    """Each module's rank and the share of ‖ΔW‖_F it keeps (`peftdsl.json`'s `ranks`)."""
+    return {name: {"rank": int(d.A.shape[0]), "kept": round(d.kept, 6)}
+            for name, d in sorted(deltas.items()) if getattr(d, "kept", None) is not None}
+
+
+def rank_summary(ranks: Mapping[str, Mapping[str, float]]) -> str:
+    values = sorted(r["rank"] for r in ranks.values())
+    kept = sorted(r["kept"] for r in ranks.values())
+    if not values:
+        return "no module ranks chosen"
+    return (f"ranks min {values[0]} / median {values[len(values) // 2]} / max {values[-1]} over "
+            f"{len(values)} modules, ‖ΔW‖ kept min {kept[0]:.3f} / median {kept[len(kept) // 2]:.3f}")
 
 
 def _location(recipe: ir.Recipe, info) -> str:
@@ -418,6 +448,8 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
     for out in _selected_outputs(analysis, options.only):
         session.write_output(out, force=options.force)
         console.print(f"wrote {out.name} -> {out.path}")
+        if out.name in session.rank_summaries:
+            console.print(f"  {out.name}: {session.rank_summaries[out.name]}")
     if results:
         _report(session, results, selected, report, console)
     console.print(f"done in {time.perf_counter() - started:.1f} s on {session.device}")

@@ -31,7 +31,8 @@ class AdapterSpec(_Strict):
     path: str = Field(description="adapter directory, relative to the recipe's folder, or hf:org/name[@rev]")
     sha256: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = Field(
         None, description="pin of adapter_model.safetensors (lowercase hex)")
-    kind: Literal["lora", "ia3"] | None = Field(None, description="declared kind, checked against the files")
+    kind: Literal["lora", "ia3", "full"] | None = Field(
+        None, description="declared kind, checked against the files; `full`: a full fine-tune of `base`")
     rank: PositiveInt | None = Field(None, description="declared LoRA rank, checked against the files")
 
 

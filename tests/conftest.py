@@ -54,6 +54,12 @@ def build_fixtures(folder: Path) -> None:
     # Adapters that save `lm_head` (modules_to_save): composed as task vectors against the base.
     make_lora(folder / "head_a", r=4, seed=12, modules_to_save=["lm_head"], base_model_name_or_path=BASE_NAME)
     make_lora(folder / "head_b", r=4, seed=13, modules_to_save=["lm_head"], base_model_name_or_path=BASE_NAME)
+    # A full fine-tune of the base: its task vector is dense.
+    tuned = tiny_llama()
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(0.01)
+    tuned.save_pretrained(folder / "full_ft")
     # Unsupported or broken adapters.
     make_lora(folder / "dora", use_dora=True, seed=10, base_model_name_or_path=BASE_NAME)
     _copy_with(folder / "lora_r4", folder / "loha", config={"peft_type": "LOHA"})

@@ -172,9 +172,9 @@ def part_files(
         elif part.rows:
             key = f"base_model.model.{module}.token_adapter.trainable_tokens_delta"
             tokens[module] = list(part.rows)
-        elif part.role == "module":
-            key = f"base_model.model.{tensor}"
-            saved.add(part.saved_module)
+        elif part.role == "module" or (part.role == "full" and not tensor.endswith(".bias")):
+            key = f"base_model.model.{tensor}"  # a full fine-tune's norm or embedding: its module saved
+            saved.add(part.saved_module or module)
         else:
             inside = module in lora_modules
             plain_bias |= not inside

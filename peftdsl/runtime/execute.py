@@ -68,6 +68,12 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def _shard(self, path):
+        """A reader of one weight shard (a full fine-tune's, or the base's), kept open."""
+        if path not in self._files:
+            self._files[path] = self._stack.enter_context(SafetensorsReader(path))
+        return self._files[path]
+
     def _file(self, adapter: str):
         if adapter not in self._files:
             info = self.adapters[adapter]
@@ -128,7 +134,11 @@ class Executor:
         """One tensor per key, stacked, on the device in float32, and checked: a NaN or Inf
         in an input would silently poison every output."""
         try:
-            stacked = self._file(adapter).read_stacked(keys)
+            info = self.adapters[adapter]
+            if info.tensor_files:  # a full fine-tune: its keys may lie in several shards
+                stacked = torch.stack([self._shard(info.tensor_files[k]).read_stacked([k])[0] for k in keys])
+            else:
+                stacked = self._file(adapter).read_stacked(keys)
         except (SafetensorError, OSError) as err:
             raise InputDataError(f"adapter `{adapter}`: cannot read `{keys[0]}` ({err})") from err
         if not all_finite(stacked):
@@ -143,6 +153,25 @@ class Executor:
         scales = [info.scaling for info in infos]
         scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32, device=self.device)
         return Lora(A, B, scale)
+
+    def read_dense(self, adapter: str, group: Group) -> Dense:
+        """A full fine-tune's task vectors θ − θ_base on a group's modules, in the factor frame."""
+        keys = [self.adapters[adapter].modules[m].keys[0] for m in group.modules]
+        tuned = self._read_stack(adapter, keys)
+        base = self._read_base_stack(keys)
+        delta = tuned.sub_(base)
+        return Dense(delta if group.layout == "linear" else delta.transpose(1, 2))
+
+    def _read_base_stack(self, keys: list[str]) -> torch.Tensor:
+        if self.base is None:
+            raise InternalError("a full fine-tune reached execution without a base")
+        try:
+            stacked = torch.stack([self._shard(self.base.files[k]).read_stacked([k])[0] for k in keys])
+        except (SafetensorError, OSError, KeyError) as err:
+            raise InputDataError(f"the base model: cannot read `{keys[0]}` ({err})") from err
+        if not all_finite(stacked):
+            raise InputDataError(f"the base model's `{keys[0]}` holds NaN or infinite values")
+        return stacked.to(self.device, torch.float32)
 
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.adapters[adapter].modules[m] for m in group.modules]
@@ -203,8 +232,9 @@ class _Evaluation:
             if leaf.name not in self.present:
                 return None  # this adapter does not target these modules: it contributes nothing
             kind = self.executor.adapters[leaf.name].kind
-            reader = self.executor.read_lora if kind is Kind.LORA else self.executor.read_ia3
-            return reader(leaf.name, self.group)
+            readers = {Kind.LORA: self.executor.read_lora, Kind.IA3: self.executor.read_ia3,
+                       Kind.DENSE: self.executor.read_dense}
+            return readers[kind](leaf.name, self.group)
         return self._operator(leaf)
 
     def combination(self, comb: ir.Combination) -> Value | None:
@@ -268,7 +298,11 @@ def _split(value: Value | None, group: Group) -> dict[str, LoraDelta | DenseDelt
     layout = group.layout
     B = folded_B(value) if isinstance(value, Lora) else None
     for i, module in enumerate(group.modules):
-        if isinstance(value, Lora):
+        if isinstance(value, Lora) and value.ranks is not None:  # rank selection: each module its own
+            r = value.ranks[i]
+            out[module] = LoraDelta(A=value.A[i, :r].cpu(), B=B[i, :, :r].cpu(), layout=layout,
+                                    kept=value.kept[i])
+        elif isinstance(value, Lora):
             out[module] = LoraDelta(A=value.A[i].cpu(), B=B[i].cpu(), layout=layout)
         elif isinstance(value, Dense):
             out[module] = DenseDelta(delta=value.delta[i].cpu(), layout=layout)

@@ -38,6 +38,7 @@ class LoraDelta:
     A: torch.Tensor  # r × in
     B: torch.Tensor  # out × r
     layout: Layout = "linear"
+    kept: float | None = None  # rank selection: the share of ‖ΔW‖_F this rank keeps
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -171,6 +172,13 @@ def _require_equal_ranks(terms: Sequence[LoraTerm], operator: str) -> None:
 
 
 def svd_from_factors(A: Tensor, B: Tensor, rank: int, clamp: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`svd_from_factors_spectrum` without the spectrum."""
+    A, B, _ = svd_from_factors_spectrum(A, B, rank, clamp)
+    return A, B
+
+
+def svd_from_factors_spectrum(A: Tensor, B: Tensor, rank: int,
+                              clamp: float | None = None) -> tuple[Tensor, Tensor, Spectrum]:
     """Best rank-k approximation of ``B·A`` per module, without forming ``B·A``.
 
     ``B = Qb·Rb`` and ``Aᵀ = Qa·Ra`` (reduced QR), so ``B·A = Qb·(Rb·Raᵀ)·Qaᵀ``;
@@ -195,20 +203,117 @@ def svd_from_factors(A: Tensor, B: Tensor, rank: int, clamp: float | None = None
     k = min(rank, sigma.shape[-1])
     U = q_b @ u_core[..., :k]
     Vh = vh_core[:, :k, :] @ q_a.transpose(1, 2)
-    return _finish_svd(U, sigma[:, :k], Vh, clamp)
+    A, B = _finish_svd(U, sigma[:, :k], Vh, clamp)
+    return A, B, Spectrum(sigma, sigma.double().pow(2).sum(dim=1))  # every nonzero value of B·A is here
 
 
-def svd_dense(delta: Tensor, rank: int, clamp: float | None = None) -> tuple[Tensor, Tensor]:
+def svd_dense(delta: Tensor, rank: int, clamp: float | None = None,
+              generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
     """Best rank-k approximation of dense deltas ``[g, out, in]`` (Eckart–Young).
 
-    For the outputs of dense operators (ties, DARE, …). Same split, sign
-    convention and clamp as :func:`svd_from_factors`; ``k = min(rank, out, in)``.
+    For the outputs of dense operators (ties, DARE, …) and full fine-tunes' task vectors
+    (LoRA extraction). Same split, sign convention and clamp as :func:`svd_from_factors`;
+    ``k = min(rank, out, in)``. Matrices too large for a dense SVD to be cheap use
+    :func:`randomized_svd` (``generators``: one seeded generator per module).
     """
+    A, B, _ = svd_dense_spectrum(delta, rank, clamp, generators)
+    return A, B
+
+
+def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
+                       generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, Tensor, Spectrum]:
+    """:func:`svd_dense` and the spectrum it saw, for rank selection."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    U, sigma, Vh = _accurate_svd(_f32(delta))
+    delta = _f32(delta)
+    total = delta.double().pow(2).sum(dim=(1, 2))
+    if uses_randomized_svd(delta.shape[1], delta.shape[2], rank):
+        U, sigma, Vh = randomized_svd(delta, rank, generators)
+    else:
+        U, sigma, Vh = _accurate_svd(delta)
     k = min(rank, sigma.shape[-1])
-    return _finish_svd(U[..., :k], sigma[:, :k], Vh[:, :k, :], clamp)
+    A, B = _finish_svd(U[..., :k], sigma[:, :k], Vh[:, :k, :], clamp)
+    return A, B, Spectrum(sigma, total)
+
+
+# A dense SVD of an n×n matrix costs O(n³); past this side (and for ranks well below it) a
+# randomized SVD with power iterations finds the top-k subspace in O(n²·k).
+RANDOMIZED_MIN_SIDE = 1024
+RANDOMIZED_OVERSAMPLE = 16
+RANDOMIZED_POWER_ITERATIONS = 4
+
+
+def uses_randomized_svd(out_features: int, in_features: int, rank: int) -> bool:
+    side = min(out_features, in_features)
+    return side > RANDOMIZED_MIN_SIDE and 4 * (rank + RANDOMIZED_OVERSAMPLE) <= side
+
+
+def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generator] | None = None,
+                   oversample: int = RANDOMIZED_OVERSAMPLE,
+                   iterations: int = RANDOMIZED_POWER_ITERATIONS) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplets of ``[g, out, in]`` (Halko, Martinsson & Tropp 2011, alg. 4.4).
+
+    A Gaussian test matrix of ``rank + oversample`` columns, drawn from each module's
+    seeded generator (the same bytes on every run), then power iterations with a QR after
+    each product, which keeps float32 from washing out the small singular values. The
+    small projected matrix gets an exact SVD. Returns ``rank + oversample`` triplets
+    (fewer when the matrix is smaller); callers keep the first k.
+    """
+    g, out_features, in_features = delta.shape
+    width = min(rank + oversample, out_features, in_features)
+    tests = [torch.randn(in_features, width, generator=gen, dtype=torch.float32) for gen in
+             (generators or [torch.Generator().manual_seed(0) for _ in range(g)])]
+    omega = torch.stack(tests).to(delta.device)
+    q, _ = torch.linalg.qr(delta @ omega)  # [g, out, w]
+    for _ in range(iterations):
+        z, _ = torch.linalg.qr(delta.transpose(1, 2) @ q)  # [g, in, w]
+        q, _ = torch.linalg.qr(delta @ z)
+    small = q.transpose(1, 2) @ delta  # [g, w, in]
+    u_small, sigma, Vh = _accurate_svd(small)
+    return q @ u_small, sigma, Vh
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The singular values an SVD saw (``[g, m]``, descending) and each module's ‖ΔW‖²_F,
+    which for a randomized SVD covers the values it did not see."""
+
+    sigma: Tensor
+    total: Tensor  # float64 [g]
+
+
+def select_ranks(spectrum: Spectrum, rank: int, keep: float | None = None,
+                 tol: float | None = None) -> tuple[list[int], list[float]]:
+    """Each module's rank under `keep` or `tol` (DESIGN §2 "Rank selection"), at most `rank`,
+    and the share of ‖ΔW‖_F the kept values hold, √(Σᵢ≤r σᵢ² / ‖ΔW‖²_F).
+
+    `keep=q`: the smallest r ≤ k with that share ≥ q over the whole spectrum (k when none is).
+    `tol=t`: the σᵢ ≥ t·σ₁. Both compare in float64 with a relative slack of 1e-9, so a
+    threshold set exactly at a boundary (`keep=√0.8` where the first two values hold 80 %)
+    picks that boundary's rank, not one more. A zero module keeps rank 1 (its factors are 0).
+    """
+    sigma = spectrum.sigma.double().cpu()
+    total = spectrum.total.double().cpu()
+    k = min(rank, sigma.shape[-1])
+    cumulative = (sigma[:, :k] ** 2).cumsum(dim=1)
+    ranks, kept = [], []
+    for i in range(sigma.shape[0]):
+        whole = float(total[i])
+        if whole <= 0:
+            ranks.append(1)
+            kept.append(1.0)
+            continue
+        if keep is not None:
+            reached = (cumulative[i] >= keep * keep * whole * (1 - 1e-9)).nonzero()
+            r = int(reached[0]) + 1 if len(reached) else k
+        elif tol is not None:
+            r = int((sigma[i, :k] >= tol * float(sigma[i, 0]) * (1 - 1e-9)).sum())
+        else:
+            r = k
+        r = max(1, min(r, k))
+        ranks.append(r)
+        kept.append(min(1.0, (float(cumulative[i, r - 1]) / whole) ** 0.5))
+    return ranks, kept
 
 
 def _accurate_svd(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -30,15 +30,21 @@ class Context:
 
 
 def svd(value: Lora | Dense, options: Mapping, context: Context) -> Lora:
+    rank = options["rank"]
     try:
         if isinstance(value, Lora):
-            A, B = kernels.svd_from_factors(value.A, folded_B(value), options["rank"], options.get("clamp"))
+            A, B, spectrum = kernels.svd_from_factors_spectrum(value.A, folded_B(value), rank, options.get("clamp"))
         else:
-            A, B = kernels.svd_dense(value.delta, options["rank"], options.get("clamp"))
+            A, B, spectrum = kernels.svd_dense_spectrum(value.delta, rank, options.get("clamp"), _generators(context))
     except torch.linalg.LinAlgError as err:  # finite inputs whose combination overflowed float32
         raise InputDataError(f"svd of module `{context.modules[0]}` failed: {str(err).splitlines()[0]} "
                              "(float32 overflow? scale the coefficients down)") from err
-    return Lora(A, B)
+    if options.get("keep") is None and options.get("tol") is None:
+        return Lora(A, B)
+    ranks, kept = kernels.select_ranks(spectrum, rank, options.get("keep"), options.get("tol"))
+    limit = torch.tensor(ranks, device=A.device).view(-1, 1)
+    mask = torch.arange(A.shape[1], device=A.device).view(1, -1) < limit  # [g, k]: inside each rank
+    return Lora(A * mask.unsqueeze(2), B * mask.unsqueeze(1), ranks=ranks, kept=kept)
 
 
 # ---------------------------------------------------------------- Argument.FACTORS

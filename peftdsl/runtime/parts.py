@@ -20,7 +20,7 @@ import torch
 from peftdsl import ir
 from peftdsl.errors import InputDataError, InternalError
 from peftdsl.operators import OPERATORS, Parts
-from peftdsl.parts import AFFINE, DELTA, TASK, PartPlan
+from peftdsl.parts import AFFINE, DELTA, TASK, PartPlan, drops_full_parts
 from peftdsl.runtime import ops
 from peftdsl.runtime.fold import PartDelta
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
@@ -49,19 +49,20 @@ class _PartEvaluation:
         return PartDelta(value=value.cpu(), rows=plan.rows, add=plan.mode == DELTA, role=plan.role,
                          saved_module=plan.saved_module)
 
-    def combination(self, comb: ir.Combination) -> torch.Tensor | None:
-        parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf)) is not None]
+    def combination(self, comb: ir.Combination, dropping: bool = False) -> torch.Tensor | None:
+        parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf, dropping)) is not None]
         if not parts:
             return None
         return sum(coef * value for coef, value in parts)
 
-    def leaf(self, leaf: ir.Leaf) -> torch.Tensor | None:
+    def leaf(self, leaf: ir.Leaf, dropping: bool = False) -> torch.Tensor | None:
         if isinstance(leaf, ir.AdapterLeaf):
-            return self.term(leaf.name)
+            return self.term(leaf.name, dropping)
         operator = OPERATORS[leaf.func]
+        dropping = dropping or drops_full_parts(leaf)
         if operator.parts is Parts.LINEAR:
-            return self.combination(leaf.arg)
-        values = [(t.coef, v) for t in leaf.arg.terms if (v := self.leaf(t.leaf)) is not None]
+            return self.combination(leaf.arg, dropping)
+        values = [(t.coef, v) for t in leaf.arg.terms if (v := self.leaf(t.leaf, dropping)) is not None]
         if not values:
             return None
         shape = values[0][1].shape
@@ -71,10 +72,10 @@ class _PartEvaluation:
         context = ops.Context(seed=self.executor.seed, modules=(self.plan.tensor,), layout="linear")
         return kernel((stacked, weights), dict(leaf.options), context).delta.reshape(shape)
 
-    def term(self, adapter: str) -> torch.Tensor | None:
+    def term(self, adapter: str, dropping: bool = False) -> torch.Tensor | None:
         """One adapter's contribution: its value (affine), its task vector (task) or its delta."""
         part = self.executor.adapters[adapter].parts.get(self.plan.tensor)
-        if part is None:
+        if part is None or (dropping and part.role == "full"):
             return None
         stored = self.executor._read_stack(adapter, [part.key])[0]
         if part.is_delta:

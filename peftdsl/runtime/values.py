@@ -14,6 +14,10 @@ class Lora:
     A: torch.Tensor  # [g, r, in]
     B: torch.Tensor  # [g, out, r]
     scale: object = 1.0  # float or Tensor[g]
+    # Rank selection (`svd(..., keep=, tol=)`): each module's rank (its factors are zero past
+    # it, so arithmetic on the padded stack stays exact) and the share of ‖ΔW‖_F it keeps.
+    ranks: list[int] | None = None
+    kept: list[float] | None = None
 
 
 @dataclass

@@ -1,0 +1,298 @@
+"""Full fine-tunes as task vectors (DESIGN §2): τ = θ − θ_base, task arithmetic, LoRA extraction.
+
+The references are plain torch over the models' state dicts: task arithmetic
+θ_base + Σ cᵢ·(θᵢ − θ_base) for every tensor (mergekit's `task_arithmetic`), and for
+extraction the best rank-k approximation of each module's τ (Eckart–Young), whose error
+is the tail of its singular values.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_lora, tiny_gpt2, tiny_llama
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import peftdsl
+from peftdsl.cli import main
+
+ATOL = 2e-5
+
+
+def fine_tune(base: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """A "fine-tune": every floating tensor of the base moved by seeded noise."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(base.named_parameters()):
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return base
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({k: v.float() for k, v in load_file(f).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    tiny_llama().save_pretrained(root / "base")
+    fine_tune(tiny_llama(), 1).save_pretrained(root / "ft1")
+    fine_tune(tiny_llama(), 2).save_pretrained(root / "ft2", max_shard_size="200KB")  # sharded
+    make_lora(root / "lora", seed=3)
+    tiny_llama(hidden=96, intermediate=192).save_pretrained(root / "other")
+    return root
+
+
+def recipe(folder: Path, world: Path, compose: str, outputs: str, sources=("ft1", "ft2", "lora")) -> Path:
+    lines = ["peftdsl: 1", "name: full", f"base: {world / 'base'}", "adapters:"]
+    lines += [f"  {name}: {world / name}" for name in sources]
+    lines += ["compose:", *[f"  {line}" for line in compose.splitlines()], "outputs:",
+              *[f"  {line}" for line in outputs.splitlines()]]
+    path = folder / "recipe.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_task_arithmetic_over_full_fine_tunes_and_a_lora(world, tmp_path):
+    path = recipe(tmp_path, world, "mix: 0.5 * ft1 + 0.3 * ft2 - 0.2 * lora", "mix: {path: out/mix, merge: true}")
+    peftdsl.load(path).run()
+    base, ft1, ft2 = state(world / "base"), state(world / "ft1"), state(world / "ft2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"),
+                                         world / "lora").merge_and_unload().state_dict()
+    got = state(tmp_path / "out" / "mix")
+    assert set(got) == set(base)
+    for name, w0 in base.items():
+        expected = w0 + 0.5 * (ft1[name] - w0) + 0.3 * (ft2[name] - w0) - 0.2 * (lora[name].float() - w0)
+        assert torch.allclose(got[name], expected, atol=ATOL), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "mix")
+    assert model is not None
+
+
+def test_ties_over_full_task_vectors(world, tmp_path):
+    from peft.utils.merge_utils import ties
+
+    path = recipe(tmp_path, world, "t: ties(0.6 * ft1 + 0.4 * ft2, density=0.3)", "t: {path: out/t, merge: true}",
+                  sources=("ft1", "ft2"))
+    peftdsl.load(path).run()
+    base, ft1, ft2 = state(world / "base"), state(world / "ft1"), state(world / "ft2")
+    got = state(tmp_path / "out" / "t")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        tasks = torch.stack([ft1[name] - base[name], ft2[name] - base[name]])
+        expected = base[name] + ties(tasks, torch.tensor([0.6, 0.4]), 0.3)
+        assert torch.allclose(got[name], expected, atol=ATOL), name
+
+
+@pytest.mark.parametrize("rest", ["drop", "save"])
+def test_lora_extraction_is_the_best_rank_k_approximation(world, tmp_path, capsys, rest):
+    path = recipe(tmp_path, world, f"x: svd(ft1, rank=4, rest=\"{rest}\")", "x: out/x", sources=("ft1",))
+    peftdsl.load(path).run()
+    base, ft1 = state(world / "base"), state(world / "ft1")
+    out = tmp_path / "out" / "x"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), out)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        tau = ft1[f"{name}.weight"] - base[f"{name}.weight"]
+        U, S, Vh = torch.linalg.svd(tau.double(), full_matrices=False)
+        best = (U[:, :4] * S[:4]) @ Vh[:4]
+        layer = model.get_submodule(f"base_model.model.{name}")
+        delta = layer.get_delta_weight("default").double()
+        assert torch.allclose(delta, best, atol=1e-5), name
+    norm = "model.norm.weight"
+    saved = config.get("modules_to_save") or []
+    if rest == "save":
+        assert "model.norm" in saved and "model.embed_tokens" in saved
+        held = model.base_model.model.model.norm.modules_to_save["default"].weight
+        assert torch.allclose(held, ft1[norm], atol=ATOL)
+    else:
+        assert not saved
+
+
+def test_a_fine_tune_of_another_base_is_refused(world, tmp_path, capsys):
+    path = recipe(tmp_path, world, "x: 0.5 * other", "x: {path: out/x, merge: true}", sources=("other",))
+    assert main(["lint", "--format", "concise", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "error[I307] full fine-tune `other`:" in out and "in the base" in out
+
+
+def test_a_full_source_needs_a_base(world, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(f"peftdsl: 1\nadapters:\n  ft1: {world / 'ft1'}\ncompose:\n  x: svd(ft1, rank=2)\n"
+                                     "outputs:\n  x: out/x\n")
+    assert main(["lint", "--format", "concise", str(tmp_path / "r.yaml")]) == 1
+    assert "full fine-tune `ft1` needs the recipe's `base`" in capsys.readouterr().out
+
+
+def test_a_full_source_cannot_be_an_adapter_output(world, tmp_path, capsys):
+    path = recipe(tmp_path, world, "x: ft1 - ft2", "x: out/x", sources=("ft1", "ft2"))
+    assert main(["lint", "--format", "concise", str(path)]) == 1
+    assert "error[T403]" in capsys.readouterr().out
+
+
+def test_pem_of_a_full_source_is_a_type_error(world, tmp_path, capsys):
+    path = recipe(tmp_path, world, "x: pem(0.5 * ft1 + 0.5 * lora)", "x: out/x", sources=("ft1", "lora"))
+    assert main(["lint", "--format", "concise", str(path)]) == 1
+    assert "error[T413]" in capsys.readouterr().out
+
+
+def test_a_resized_vocabulary_names_the_tensor(world, tmp_path, capsys):
+    bigger = tiny_llama(vocab=160)
+    bigger.save_pretrained(tmp_path / "resized")
+    path = recipe(tmp_path, world, "x: 0.5 * resized", "x: {path: out/x, merge: true}", sources=())
+    text = path.read_text().replace("adapters:\n", f"adapters:\n  resized: {tmp_path / 'resized'}\n")
+    path.write_text(text)
+    assert main(["lint", "--format", "concise", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "`lm_head.weight` is 160×64 but 128×64 in the base (a resized vocabulary?)" in out
+
+
+def test_gpt2_conv1d_full_fine_tune_extraction(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    fine_tune(tiny_gpt2(), 5).save_pretrained(tmp_path / "ft")
+    (tmp_path / "r.yaml").write_text("peftdsl: 1\nbase: base\nadapters:\n  ft: ft\ncompose:\n"
+                                     "  x: svd(ft, rank=3)\n  m: 0.5 * ft\noutputs:\n  x: out/x\n"
+                                     "  m: {path: out/m, merge: true}\n")
+    peftdsl.load(tmp_path / "r.yaml").run()
+    base, ft = state(tmp_path / "base"), state(tmp_path / "ft")
+    merged = state(tmp_path / "out" / "m")
+    for name, w0 in base.items():
+        assert torch.allclose(merged[name], w0 + 0.5 * (ft[name] - w0), atol=ATOL), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "out" / "x")
+    name = "transformer.h.0.attn.c_attn"
+    tau = (ft[f"{name}.weight"] - base[f"{name}.weight"]).T.double()  # Conv1D stores in×out
+    U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+    delta = model.get_submodule(f"base_model.model.{name}").get_delta_weight("default").double()
+    assert torch.allclose(delta.T if delta.shape != tau.shape else delta, (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-5)
+
+
+def test_full_source_pin_covers_every_shard(world, tmp_path):
+    path = recipe(tmp_path, world, "x: 0.5 * ft2", "x: {path: out/x, merge: true}", sources=("ft2",))
+    assert main(["lock", str(path)]) == 0
+    text = path.read_text()
+    assert "sha256:" in text
+    assert main(["run", "--quiet", "--locked", str(path)]) == 0
+    shard = sorted((world / "ft2").glob("model-*.safetensors"))[-1]
+    tensors = load_file(shard)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 1
+    copy = tmp_path / "ft2"
+    copy.mkdir()
+    for f in (world / "ft2").iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    save_file(tensors, copy / shard.name, metadata={"format": "pt"})
+    path.write_text(text.replace(str(world / "ft2"), str(copy)))
+    assert main(["run", "--quiet", "--force", "--locked", str(path)]) == 1
+
+
+# ---------------------------------------------------------------- rank selection
+
+
+def _spectrum(values):
+    from peftdsl.runtime.kernels import Spectrum
+
+    sigma = torch.tensor([values], dtype=torch.float64)
+    return Spectrum(sigma, sigma.pow(2).sum(dim=1))
+
+
+@pytest.mark.parametrize("keep, expected", [
+    (0.5 ** 0.5, 1),           # exactly the first value's share: rank 1, not 2
+    (0.5 ** 0.5 + 1e-6, 2),
+    (0.8 ** 0.5, 2),           # exactly two values' share
+    (0.8 ** 0.5 + 1e-6, 3),
+    (1.0, 3),
+])
+def test_keep_picks_the_smallest_rank_at_the_boundary(keep, expected):
+    from peftdsl.runtime.kernels import select_ranks
+
+    ranks, kept = select_ranks(_spectrum([0.5 ** 0.5, 0.3 ** 0.5, 0.2 ** 0.5]), 8, keep=keep)
+    assert ranks == [expected]
+    assert kept[0] >= keep - 1e-9
+
+
+def test_keep_counts_the_whole_spectrum_and_caps_at_rank():
+    from peftdsl.runtime.kernels import Spectrum, select_ranks
+
+    sigma = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.float64)
+    # A randomized SVD saw three values of a matrix whose norm holds more (total 28, not 14).
+    ranks, kept = select_ranks(Spectrum(sigma, torch.tensor([28.0], dtype=torch.float64)), 3, keep=0.9)
+    assert ranks == [3] and kept[0] == pytest.approx((14 / 28) ** 0.5)
+    ranks, _ = select_ranks(_spectrum([3.0, 2.0, 1.0]), 2, keep=0.999)
+    assert ranks == [2]
+
+
+@pytest.mark.parametrize("tol, expected", [(0.5, 2), (0.5 + 1e-6, 1), (0.25, 3), (0.0, 4)])
+def test_tol_keeps_values_at_least_t_sigma_one(tol, expected):
+    from peftdsl.runtime.kernels import select_ranks
+
+    ranks, _ = select_ranks(_spectrum([4.0, 2.0, 1.0, 0.5]), 8, tol=tol)
+    assert ranks == [expected]
+
+
+def test_rank_selection_end_to_end(world, tmp_path, capsys):
+    path = recipe(tmp_path, world, "x: svd(0.5 * ft1 + 0.5 * ft2, rank=16, keep=0.5)", "x: out/x",
+                  sources=("ft1", "ft2"))
+    assert main(["run", str(path)]) == 0
+    printed = capsys.readouterr().err
+    assert "x: ranks min" in printed
+    out = tmp_path / "out" / "x"
+    provenance = json.loads((out / "peftdsl.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    base, ft1, ft2 = state(world / "base"), state(world / "ft1"), state(world / "ft2")
+    tensors = load_file(out / "adapter_model.safetensors")
+    for module, chosen in provenance["ranks"].items():
+        tau = 0.5 * (ft1[f"{module}.weight"] + ft2[f"{module}.weight"]) - base[f"{module}.weight"]
+        s = torch.linalg.svdvals(tau.double())
+        share = (s ** 2).cumsum(0) / (s ** 2).sum()
+        expected = int((share >= 0.25 * (1 - 1e-9)).nonzero()[0]) + 1
+        assert chosen["rank"] == min(expected, 16), module
+        assert tensors[f"base_model.model.{module}.lora_A.weight"].shape[0] == chosen["rank"]
+    ranks = {m: c["rank"] for m, c in provenance["ranks"].items()}
+    assert len(set(ranks.values())) > 1 and config["rank_pattern"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), out)
+
+
+@pytest.mark.parametrize("args, message", [
+    ("rank=4, keep=0", "must be > 0"), ("rank=4, keep=1.5", "must be ≤ 1"),
+    ("rank=4, tol=1", "must be < 1"), ("rank=4, keep=0.5, tol=0.1", "not both"),
+])
+def test_bad_rank_selection_arguments(world, tmp_path, capsys, args, message):
+    path = recipe(tmp_path, world, f"x: svd(ft1, {args})", "x: out/x", sources=("ft1",))
+    assert main(["lint", "--format", "concise", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "error[T406]" in out and message in out
+
+
+def test_randomized_svd_is_within_one_percent_of_the_optimum():
+    from peftdsl.runtime import kernels
+
+    generator = torch.Generator().manual_seed(0)
+    side = kernels.RANDOMIZED_MIN_SIDE + 76
+    # A fine-tune-like spectrum: decaying, with a heavy tail.
+    U, _ = torch.linalg.qr(torch.randn(side, side, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(side, side, generator=generator))
+    sigma = 1.0 / (1.0 + torch.arange(side, dtype=torch.float32)) ** 0.6
+    delta = (U * sigma) @ V.T
+    rank = 32
+    assert kernels.uses_randomized_svd(side, side, rank)
+    A, B = kernels.svd_dense(delta.unsqueeze(0), rank, generators=[torch.Generator().manual_seed(1)])
+    error = torch.linalg.matrix_norm(delta - B[0] @ A[0])
+    optimum = sigma[rank:].pow(2).sum().sqrt()
+    assert error <= 1.01 * optimum, (float(error), float(optimum))
+    again = kernels.svd_dense(delta.unsqueeze(0), rank, generators=[torch.Generator().manual_seed(1)])
+    assert torch.equal(A, again[0])  # seeded: the same bytes every time
