@@ -296,3 +296,25 @@ def test_randomized_svd_is_within_one_percent_of_the_optimum():
     assert error <= 1.01 * optimum, (float(error), float(optimum))
     again = kernels.svd_dense(delta.unsqueeze(0), rank, generators=[torch.Generator().manual_seed(1)])
     assert torch.equal(A, again[0])  # seeded: the same bytes every time
+
+
+def test_equal_to_mergekit_task_arithmetic(world, tmp_path):
+    """Where mergekit is installed (not in CI: its import alone takes tens of seconds here),
+    its `task_arithmetic` on the same models gives the same tensors."""
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = {"merge_method": "task_arithmetic", "base_model": str(world / "base"), "dtype": "float32",
+              "parameters": {"normalize": False},
+              "models": [{"model": str(world / "ft1"), "parameters": {"weight": 0.6}},
+                         {"model": str(world / "ft2"), "parameters": {"weight": 0.3}}]}
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config))), str(tmp_path / "mk"),
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=True))
+    path = recipe(tmp_path, world, "x: 0.6 * ft1 + 0.3 * ft2", "x: {path: out/x, merge: true}", sources=("ft1", "ft2"))
+    peftdsl.load(path).run()
+    ours, theirs = state(tmp_path / "out" / "x"), state(tmp_path / "mk")
+    assert set(theirs) <= set(ours)
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, atol=1e-6), name
