@@ -97,8 +97,17 @@ def _visible(comb: ir.Combination, adapters: Mapping[str, AdapterInfo],
 
 
 def _drops_anything(comb: ir.Combination, adapters: Mapping[str, AdapterInfo]) -> bool:
-    return any(isinstance(t.leaf, ir.OpLeaf) and (drops_full_parts(t.leaf) or _drops_anything(t.leaf.arg, adapters))
-               for t in comb.terms)
+    """Whether some operator in `comb` leaves out a full fine-tune's tensors that reach it."""
+    for term in comb.terms:
+        leaf = term.leaf
+        if not isinstance(leaf, ir.OpLeaf):
+            continue
+        if drops_full_parts(leaf) and any(p.role == "full" for name in adapter_leaves(leaf.arg)
+                                          if name in adapters for p in adapters[name].parts.values()):
+            return True
+        if _drops_anything(leaf.arg, adapters):
+            return True
+    return False
 
 
 def plan_parts(form: ir.Combination, adapters: Mapping[str, AdapterInfo],
