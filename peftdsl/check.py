@@ -713,6 +713,13 @@ def context_length(config: Mapping) -> int | None:
     return None
 
 
+def _mistyped_labels(labels: Mapping | None, task: str) -> bool:
+    """A classifier's `labels` map to class indices, a language model's to verbalizers (text)."""
+    if task not in tasks.CLASSIFIERS and task not in (tasks.CAUSAL_LM, tasks.SEQ_2_SEQ_LM):
+        return False  # question answering reads no labels
+    return any(isinstance(v, str) == (task in tasks.CLASSIFIERS) for v in (labels or {}).values())
+
+
 def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
     recipe = analysis.recipe
     task = analysis.task
@@ -727,6 +734,15 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
             offered = ", ".join(f"`{m}`" for m in tasks.metrics(task)) or "none yet"
             sink.emit("E501", f"eval `{target.name}` asks for `{target.metric}`, which a {task} model has no "
                       "evaluation for", target.span, help=f"metrics for {task} models: {offered}")
+        elif _mistyped_labels(dict(target.options).get("labels"), task):
+            if task in tasks.CLASSIFIERS:
+                sink.emit("E501", f"eval `{target.name}` maps labels to text, but a {task} model predicts class "
+                          "indices", target.span, help="map each data label to its class index: `labels: {neg: 0, "
+                          "pos: 1}`, or leave `labels` out to use the config's `label2id`")
+            else:
+                sink.emit("E501", f"eval `{target.name}` maps labels to class indices, but a {task} model scores "
+                          "each label's verbalizer, a text", target.span,
+                          help="map each label to its text: `labels: {neg: \" negative\", pos: \" positive\"}`")
         elif task == tasks.SEQ_2_SEQ_LM and target.metric == "perplexity" and target.data.suffix == ".txt":
             sink.emit("E501", f"seq2seq perplexity scores a target given an input: eval `{target.name}` needs "
                       ".jsonl rows, not .txt", target.span, help="rows like {\"input\": …, \"target\": …}")
@@ -745,5 +761,5 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
         if suffix not in (".txt", ".jsonl"):
             sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`; data is .txt or .jsonl",
                       target.span)
-        elif target.metric == "accuracy" and suffix == ".txt":
+        elif target.metric in tasks.ROW_METRICS and suffix == ".txt":
             sink.emit("E501", f"metric `{target.metric}` reads rows from .jsonl, not .txt", target.span)

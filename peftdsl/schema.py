@@ -54,19 +54,25 @@ class EvalOptions(_Strict):
     text_field: str = "text"
     label_field: str = "label"
     choices_field: str = "choices"
-    answer_field: str = "answer"
+    answer_field: str = Field("answer", description="multiple choice: the right choice; question answering: the "
+                              "answer text(s)")
     labels: dict[str, str | int] | None = Field(
         None, description="accuracy: label -> verbalizer (language models) or class index (classifiers)")
     input_field: str = Field("input", description="seq2seq: the encoder's input (perplexity, generate)")
     target_field: str = Field("target", description="seq2seq: the text to score given the input (perplexity)")
+    tokens_field: str = Field("tokens", description="token classification: the row's words (a list of strings)")
+    tags_field: str = Field("tags", description="token classification: one label per word")
+    question_field: str = Field("question", description="question answering: the question")
+    context_field: str = Field("context", description="question answering: the text the answer is a span of")
+    max_answer_length: PositiveInt = Field(30, description="question answering: the longest span predicted, in tokens")
     max_new_tokens: PositiveInt = 32
     do_sample: bool = False
     temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="sampling temperature (with do_sample)")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="nucleus sampling mass (with do_sample)")
 
 
-METRICS = ("perplexity", "accuracy", "generate")
-Metric = Literal["perplexity", "accuracy", "generate"]
+METRICS = ("perplexity", "accuracy", "f1", "generate")
+Metric = Literal["perplexity", "accuracy", "f1", "generate"]
 
 
 class EvalSpec(EvalOptions):

@@ -18,9 +18,15 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     CAUSAL_LM: ("AutoModelForCausalLM", ("perplexity", "accuracy", "generate")),
     SEQ_2_SEQ_LM: ("AutoModelForSeq2SeqLM", ("perplexity", "accuracy", "generate")),
     SEQ_CLS: ("AutoModelForSequenceClassification", ("accuracy",)),
-    TOKEN_CLS: ("AutoModelForTokenClassification", ()),
-    QUESTION_ANS: ("AutoModelForQuestionAnswering", ()),
+    TOKEN_CLS: ("AutoModelForTokenClassification", ("accuracy",)),
+    QUESTION_ANS: ("AutoModelForQuestionAnswering", ("accuracy", "f1")),
 }
+
+# tasks whose `labels` map data labels to class indices of the head (not to verbalizers)
+CLASSIFIERS = (SEQ_CLS, TOKEN_CLS)
+
+# metrics that read `.jsonl` rows (the others also read the lines of a `.txt`)
+ROW_METRICS = ("accuracy", "f1")
 
 _ARCHITECTURE_SUFFIXES = (
     ("ForSequenceClassification", SEQ_CLS),
