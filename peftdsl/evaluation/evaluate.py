@@ -90,9 +90,9 @@ class EvalOutcome:
 def load_data(spec: EvalSpec) -> list[Any]:
     """The rows an evaluation needs: texts for perplexity/generate, dicts for accuracy."""
     path = Path(spec.data)
-    if spec.metric == "accuracy":
+    if spec.metric in tasks.ROW_METRICS:
         if path.suffix != ".jsonl":
-            raise EvalDataError(f"{path}: accuracy needs a .jsonl file")
+            raise EvalDataError(f"{path}: {spec.metric} needs a .jsonl file")
         return _read_jsonl(path, spec.limit)
     seq2seq = spec.task == tasks.SEQ_2_SEQ_LM
     if seq2seq and spec.metric == "perplexity":
@@ -457,9 +457,13 @@ def run_eval(
     ``data`` is :func:`load_data`'s result, passed in so that a sweep reads its
     files once; it is read here when omitted.
     """
+    if spec.metric not in tasks.metrics(spec.task):  # lint says so first (E501)
+        raise EvalDataError(f"a {spec.task} model has no `{spec.metric}` evaluation")
     data = load_data(spec) if data is None else data
     if spec.task != tasks.CAUSAL_LM:
-        return _run_task_eval(model, tokenizer, spec, data, quiet)
+        from peftdsl.evaluation.task_metrics import IMPLEMENTATIONS
+
+        return IMPLEMENTATIONS[spec.task, spec.metric](model, tokenizer, spec, data, quiet)
     common = {"max_length": spec.max_length, "device": device, "quiet": quiet}
     if spec.metric == "perplexity":
         return _perplexity(model, tokenizer, data, batch_size=spec.batch_size, **common)
@@ -478,29 +482,6 @@ def run_eval(
         seed=spec.seed,
         **common,
     )
-    return EvalOutcome(texts, {"prompts": list(data)})
-
-
-def _run_task_eval(model, tokenizer, spec: EvalSpec, data: list, quiet: bool) -> EvalOutcome:
-    """Seq2seq and classification models (peftdsl.evaluation.task_metrics)."""
-    from peftdsl.evaluation import task_metrics
-
-    path = Path(spec.data)
-    if spec.task == tasks.SEQ_CLS and spec.metric == "accuracy":
-        return task_metrics.classification_accuracy(
-            model, tokenizer, data, labels=spec.labels, text_field=spec.text_field, label_field=spec.label_field,
-            path=path, batch_size=spec.batch_size, max_length=spec.max_length, quiet=quiet)
-    if spec.task != tasks.SEQ_2_SEQ_LM:
-        raise EvalDataError(f"a {spec.task} model has no `{spec.metric}` evaluation")
-    if spec.metric == "perplexity":
-        return task_metrics.seq2seq_perplexity(model, tokenizer, data, batch_size=spec.batch_size, quiet=quiet)
-    if spec.metric == "accuracy":
-        fields = (spec.text_field, spec.label_field, spec.choices_field, spec.answer_field)
-        questions = _questions(data, spec.labels, fields, path)
-        return task_metrics.seq2seq_accuracy(model, tokenizer, questions, batch_size=spec.batch_size, quiet=quiet)
-    texts = task_metrics.seq2seq_generate(model, tokenizer, data, max_new_tokens=spec.max_new_tokens,
-                                          do_sample=spec.do_sample, temperature=spec.temperature, top_p=spec.top_p,
-                                          seed=spec.seed, quiet=quiet)
     return EvalOutcome(texts, {"prompts": list(data)})
 
 
@@ -575,4 +556,7 @@ def load_base(path: str | Path, *, device: str = "cpu", dtype: str | None = None
     # unless the evaluated model sets them all (`evaluate_models` checks each model).
     model = model.to(device).eval()
     _UNTRAINED[model] = tuple(sorted(info.get("missing_keys") or ()))
-    return model, AutoTokenizer.from_pretrained(path)
+    # Token classification reads pre-split words: byte-level BPE (RoBERTa, GPT-2) must mark each
+    # as a word start, as HF's token-classification examples load it; other tokenizers ignore it.
+    extra = {"add_prefix_space": True} if task == tasks.TOKEN_CLS else {}
+    return model, AutoTokenizer.from_pretrained(path, **extra)
