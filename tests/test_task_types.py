@@ -225,10 +225,10 @@ def test_every_task_metric_has_an_implementation():
 
 # ------------------------------------------------------------------- token classification and QA
 #
-# The adapters are built with `PeftModel(...)` rather than `get_peft_model`: PEFT's TOKEN_CLS and
-# QUESTION_ANS models add the head to `modules_to_save` (saved whole, which peftdsl refuses for
-# now, I303), so the head here is the base's own (random, fixed, saved with the base) and the
-# adapter carries LoRA factors only. The references merge those factors into the weights in torch.
+# Most adapters here are built with `PeftModel(...)` rather than `get_peft_model`, which adds the
+# head to `modules_to_save`: the head is then the base's own (random, fixed, saved with the base),
+# the adapter carries LoRA factors only, and the references merge those into the weights in torch.
+# The last test evaluates adapters that save the head, against PEFT's own merge.
 # initializer_range=0.2 (not 0.02) makes the random models' attention peaked enough that a
 # padding or masking mistake changes predictions.
 
@@ -577,3 +577,33 @@ def test_labels_of_the_wrong_kind_for_the_task_are_a_lint_error(model, labels, w
                            f"    metric: accuracy\n    data: rows.jsonl\n    labels: {labels}\n", root=tmp_path)
     [error] = recipe.errors
     assert error.code == "E501" and words in error.message and "labels:" in error.help
+
+
+@pytest.mark.parametrize("task", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_a_peft_adapter_that_saves_the_head_is_evaluated_with_it(task, tagger: Path, reader: Path, tmp_path: Path):
+    """`get_peft_model` puts the head in `modules_to_save`; peftdsl applies the saved head too.
+    The reference is PEFT's own load and merge."""
+    model_class, base = ((AutoModelForTokenClassification, tagger / "base") if task == "TOKEN_CLS"
+                         else (AutoModelForQuestionAnswering, reader / "base"))
+    model = get_peft_model(model_class.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type=task))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad:  # the LoRA factors and the saved head
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(tmp_path / "headed")
+    assert json.loads((tmp_path / "headed" / "adapter_config.json").read_text())["modules_to_save"]
+    merged = PeftModel.from_pretrained(model_class.from_pretrained(base), tmp_path / "headed").merge_and_unload().eval()
+    if task == "TOKEN_CLS":
+        truth = [[0 if p is None else p for p in row] for row in _reference_tags(merged)]
+        _write_jsonl(tmp_path / "rows.jsonl", [{"tokens": w, "tags": t} for w, t in zip(SENTENCES, truth)])
+    else:
+        _write_jsonl(tmp_path / "rows.jsonl", [{"question": q, "context": c, "answer": _reference_span(merged, q, c, 30)}
+                                               for q, c in QA_ROWS])
+    recipe = peftdsl.loads(f"peftdsl: 1\nbase: {base}\nadapters: {{h: {tmp_path / 'headed'}}}\neval:\n"
+                           "  - name: e\n    models: [base, h]\n    metric: accuracy\n    data: rows.jsonl\n"
+                           "    batch_size: 3\n", root=tmp_path)
+    recipe.raise_for_errors()
+    values = {r.model: r.value for r in recipe.run(report=tmp_path / "report").results}
+    assert values["h"] == 1.0 and values["base"] < 1  # the saved head takes part
