@@ -714,10 +714,9 @@ def context_length(config: Mapping) -> int | None:
 
 
 def _mistyped_labels(labels: Mapping | None, task: str) -> bool:
-    """A classifier's `labels` map to class indices, a language model's to verbalizers (text)."""
-    if task not in tasks.CLASSIFIERS and task not in (tasks.CAUSAL_LM, tasks.SEQ_2_SEQ_LM):
-        return False  # question answering reads no labels
-    return any(isinstance(v, str) == (task in tasks.CLASSIFIERS) for v in (labels or {}).values())
+    """True when `labels` maps to the wrong kind of value for the task (tasks.LABEL_VALUES)."""
+    kind = tasks.LABEL_VALUES.get(task)
+    return kind is not None and any(not isinstance(v, kind) for v in (labels or {}).values())
 
 
 def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
@@ -735,7 +734,7 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
             sink.emit("E501", f"eval `{target.name}` asks for `{target.metric}`, which a {task} model has no "
                       "evaluation for", target.span, help=f"metrics for {task} models: {offered}")
         elif _mistyped_labels(dict(target.options).get("labels"), task):
-            if task in tasks.CLASSIFIERS:
+            if tasks.LABEL_VALUES[task] is int:
                 sink.emit("E501", f"eval `{target.name}` maps labels to text, but a {task} model predicts class "
                           "indices", target.span, help="map each data label to its class index: `labels: {neg: 0, "
                           "pos: 1}`, or leave `labels` out to use the config's `label2id`")

@@ -22,8 +22,9 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     QUESTION_ANS: ("AutoModelForQuestionAnswering", ("accuracy", "f1")),
 }
 
-# tasks whose `labels` map data labels to class indices of the head (not to verbalizers)
-CLASSIFIERS = (SEQ_CLS, TOKEN_CLS)
+# what an eval's `labels` map each data label to: a class index of the head (classifiers) or a
+# verbalizer whose likelihood is scored (language models); question answering reads no labels
+LABEL_VALUES: dict[str, type] = {CAUSAL_LM: str, SEQ_2_SEQ_LM: str, SEQ_CLS: int, TOKEN_CLS: int}
 
 # metrics that read `.jsonl` rows (the others also read the lines of a `.txt`)
 ROW_METRICS = ("accuracy", "f1")
