@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftdsl import ir, tasks
+from peftdsl import experts, ir, tasks
 from peftdsl.diagnostics import Label, Severity, Sink
 from peftdsl.inputs import (
     AdapterInfo,
@@ -210,6 +210,7 @@ def read_inputs(recipe: ir.Recipe, sink: Sink, *, use_files: bool, allow_pickle:
             _check_declared(adapter, info, sink)
     _check_base_names(recipe, adapters, sink)
     adapters = _settle_layouts(adapters, base)
+    adapters = experts.settle_experts(recipe, adapters, base, sink)
     _check_shapes(recipe, adapters, base, sink)
     _check_part_shapes(recipe, adapters, base, sink)
     _check_tied_embeddings(recipe, adapters, base, sink)
@@ -340,7 +341,7 @@ def _check_shapes(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo], base: 
                               help="adapters must be trained on the same base model")
                     break
                 seen.setdefault(module.name, (name, shape, module.feedforward))
-            if base is not None and base.weights and not _fits_base(base, module):
+            if base is not None and base.weights and module.expert is None and not _fits_base(base, module):
                 sink.emit("I307", _base_mismatch(base, module, name), adapter.span,
                           help="the adapter was trained on another base model")
                 break

@@ -18,8 +18,12 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftdsl import ir
+
+if TYPE_CHECKING:
+    from peftdsl.experts import ExpertSlot
 
 ADAPTER_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -34,7 +38,6 @@ _NONLINEAR_FLAGS = {
     "use_bdlora": "block-diagonal LoRA variants are not supported",
     "alora_invocation_tokens": "activated LoRA applies its delta to some tokens only",
     "layer_replication": "layer replication changes the model's structure",
-    "target_parameters": "LoRA on raw parameters (`target_parameters`) is not supported",
 }
 SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
 # Names transformers gives input embeddings, which a tied output layer shares.
@@ -72,6 +75,7 @@ class ModuleInfo:
     feedforward: bool = False  # ia3
     keys: tuple[str, ...] = ()  # the safetensors keys holding this module's tensors
     dtype: str = "F32"
+    expert: ExpertSlot | None = None  # one expert of a fused parameter (`target_parameters`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,15 +607,15 @@ def _lora_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> di
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora"))
     conv1d = bool(config.get("fan_in_fan_out"))
-    modules = {}
+    modules, wrapped = _expert_modules(name, config, tensors, rslora)
     for suffix_a, suffix_b, layout in ((".lora_A.weight", ".lora_B.weight", "conv1d" if conv1d else "linear"),
                                        (".lora_embedding_A", ".lora_embedding_B", "embedding")):
-        for key in sorted(k for k in tensors if k.endswith(suffix_a)):
+        for key in sorted(k for k in tensors if k.endswith(suffix_a) and k not in wrapped):
             module = _strip(key, suffix_a)
             key_b = key[: -len(suffix_a)] + suffix_b
             modules[module] = _lora_module(name, module, tensors, key, key_b, layout,
                                            rank_pattern, alpha_pattern, r, alpha, rslora)
-        for key_b in sorted(k for k in tensors if k.endswith(suffix_b)):  # a B whose A is missing
+        for key_b in sorted(k for k in tensors if k.endswith(suffix_b) and k not in wrapped):  # a B without A
             key_a = key_b[: -len(suffix_b)] + suffix_a
             if key_a not in tensors:
                 raise InputError("I304", f"adapter `{name}`: `{key_b}` has no matching `{key_a}`",
@@ -619,6 +623,27 @@ def _lora_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> di
     if not modules:
         raise InputError("I304", f"adapter `{name}` has no LoRA tensors in `adapter_model.safetensors`")
     return modules
+
+
+def _expert_modules(name: str, config: dict, tensors: dict[str, TensorInfo],
+                    rslora: bool) -> tuple[dict[str, ModuleInfo], set[str]]:
+    """The experts of every `target_parameters` wrapper (peftdsl.experts), and the keys they use."""
+    from peftdsl import experts
+
+    modules, keys = {}, set()
+    for param in experts.parameter_factors(name, config, tensors, pattern_key, lambda *a: InputError("I304", *a)):
+        keys.update((param.key_a, param.key_b))
+        a, b = tensors[param.key_a], tensors[param.key_b]
+        for t, k in ((a, param.key_a), (b, param.key_b)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise InputError("I304", f"adapter `{name}`: `{k}` has dtype {t.dtype}, not a float type")
+        for index in range(param.count):
+            module = experts.expert_name(param.parameter, index)
+            modules[module] = ModuleInfo(
+                name=module, out_features=b.shape[0], in_features=a.shape[1], rank=param.rank, alpha=param.alpha,
+                scaling=experts.scaling(param.alpha, param.rank, rslora), keys=(param.key_a, param.key_b),
+                dtype=a.dtype, expert=experts.ExpertSlot(param.parameter, index, param.count))
+    return modules, keys
 
 
 def _lora_module(name, module, tensors, key_a, key_b, layout, rank_pattern, alpha_pattern, r, alpha, rslora):
