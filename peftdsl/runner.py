@@ -91,6 +91,7 @@ class Session:
         self.recipe_sha256 = hashlib.sha256(analysis.recipe.span.source.text.encode("utf-8")).hexdigest()
         self.written: list[str] = []  # outputs complete on disk, in order
         self.rank_summaries: dict[str, str] = {}  # outputs whose ranks `svd(keep=/tol=)` chose
+        self.analysis = analysis = _checked_experts(analysis, sink)
         self.executor = Executor(analysis.adapters, device=self.device, seed=analysis.recipe.seed,
                                  base=analysis.base)
 
@@ -177,10 +178,11 @@ class Session:
                 dense = form.kind is Kind.DENSE  # full-size deltas: computed as the shards reach them
                 deltas = self.lazy_deltas(out.name) if dense else self.deltas(out.name)
                 parts = self.parts(out.name) if dense else None
-                merge.write_merged(out.path, base_dir=analysis.base.path,
-                                   transform=merge.merge_transform(deltas, dense=dense, parts=parts),
-                                   dtype=out.dtype, force=force, allow_pickle=self.allow_pickle,
-                                   provenance=provenance, task=analysis.task)
+                transform = merge.merge_transform(deltas, dense=dense, parts=parts, base_dir=analysis.base.path,
+                                                  allow_pickle=self.allow_pickle)
+                merge.write_merged(out.path, base_dir=analysis.base.path, transform=transform, dtype=out.dtype,
+                                   force=force, allow_pickle=self.allow_pickle, provenance=provenance,
+                                   task=analysis.task)
             elif form.kind is Kind.IA3:
                 config, tensors = write.ia3_adapter_files(self.deltas(out.name), template=template, dtype=dtype)
                 write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
@@ -217,19 +219,25 @@ class Session:
         import torch
 
         from peftdsl.outputs import write
+        from peftdsl.runtime.experts import AdapterFusion
         from peftdsl.runtime.tensorio import stored
 
         task = lower(self.analysis, out.name)
         torch_dtype = getattr(torch, dtype)
         ranks, layouts, specs = {}, set(), {}
+        fusion = AdapterFusion()  # expert modules go back into PEFT's fused factors
         for group in task.groups:
             rank = group_rank(task.form, group)
-            layouts.add(group.layout)
             for module in group.modules:
+                if fusion.claims(module):
+                    fusion.plan(module, rank, group.out_features, group.in_features)
+                    continue
+                layouts.add(group.layout)
                 ranks[module] = rank
                 key_a, key_b = write.lora_keys(module, group.layout)
                 specs[key_a] = (torch_dtype, (rank, group.in_features))
                 specs[key_b] = (torch_dtype, (group.out_features, rank))
+        specs.update(fusion.specs(torch_dtype))
 
         # Parts (heads, biases, token rows) are small beside the factors: computed first, whole,
         # so that their keys and shapes are in the header that goes out before any factor.
@@ -244,13 +252,17 @@ class Session:
                 for chunk in self.executor.stream(task, advance):
                     tensors = {}
                     for module, delta in chunk.items():
+                        if fusion.claims(module):
+                            fused = fusion.add(module, delta)
+                            tensors.update({key: stored(t, torch_dtype, key) for key, t in fused.items()})
+                            continue
                         key_a, key_b = write.lora_keys(module, delta.layout)
                         tensors[key_a] = stored(delta.A, torch_dtype, key_a)
                         tensors[key_b] = stored(delta.B, torch_dtype, key_b)
                     yield tensors
             yield part_tensors
 
-        config = {**write.lora_adapter_config(ranks, layouts, template), **fields}
+        config = {**write.lora_adapter_config(ranks, layouts, template, parameters=fusion.ranks()), **fields}
         write.write_adapter_streaming(out.path, config=config, specs=specs, chunks=chunks(),
                                       provenance=provenance, force=force)
 
@@ -312,6 +324,20 @@ def rank_summary(ranks: Mapping[str, Mapping[str, float]]) -> str:
         return "no module ranks chosen"
     return (f"ranks min {values[0]} / median {values[len(values) // 2]} / max {values[-1]} over "
             f"{len(values)} modules, ‖ΔW‖ kept min {kept[0]:.3f} / median {kept[len(kept) // 2]:.3f}")
+
+
+def _checked_experts(analysis: Analysis, sink: Sink) -> Analysis:
+    """Expert parameters checked against the model transformers builds for the base, which
+    the front end cannot do for a checkpoint storing experts one tensor each (I307)."""
+    if analysis.base is None or not any(m.expert is not None for info in analysis.adapters.values()
+                                        for m in info.modules.values()):
+        return analysis
+    from peftdsl.runtime.experts import check_base
+
+    checked = check_base(analysis, sink)
+    if sink.has_errors():
+        raise _fail(sink)
+    return checked
 
 
 def _location(recipe: ir.Recipe, info) -> str:

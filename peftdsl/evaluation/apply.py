@@ -57,10 +57,14 @@ def applied(model: torch.nn.Module, deltas: Mapping[str, Delta] | None) -> Itera
     so an error (unknown module, shape mismatch) leaves the model unchanged. The
     originals come back even when the block raises.
     """
+    from peftdsl.runtime.experts import parameter_patch, split_names
+
     deltas = deltas or {}
     shared = _shared_parameters(model) if deltas else set()
     modules = {name: d for name, d in deltas.items() if not isinstance(d, PartDelta)}
-    patches = [_patch_for(model, name, modules[name], shared) for name in sorted(modules)]
+    plain, fused = split_names(modules)  # experts of a fused parameter patch it together
+    patches = [_patch_for(model, name, modules[name], shared) for name in sorted(plain)]
+    patches += [parameter_patch(model, parameter, names, modules) for parameter, names in fused.items()]
     parts = [_part_patch(model, name, d) for name, d in sorted(deltas.items()) if isinstance(d, PartDelta)]
     patches += [p for p in parts if isinstance(p, list)]
     swaps = [p for p in parts if isinstance(p, tuple)]

@@ -23,6 +23,7 @@ from peftdsl import inputs
 from peftdsl.errors import InputDataError
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
 from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
+from peftdsl.runtime import experts
 from peftdsl.runtime.fold import (
     Delta,
     DenseDelta,
@@ -76,10 +77,11 @@ class MergeTransform:
 
     functions: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
     parts: Mapping[str, PartDelta] = field(default_factory=dict)  # by tensor name; set on that name only
+    required: frozenset[str] = frozenset()  # more names that must be stored (fused expert parameters)
 
     @property
     def weight_names(self) -> frozenset[str]:
-        return frozenset(name for name in self.functions if name.endswith(".weight"))
+        return frozenset(name for name in self.functions if name.endswith(".weight")) | self.required
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
         function = self.functions.get(name)
@@ -87,27 +89,39 @@ class MergeTransform:
 
 
 def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False,
-                    parts: Mapping[str, PartDelta] | None = None) -> MergeTransform:
+                    parts: Mapping[str, PartDelta] | None = None, base_dir: Path | None = None,
+                    allow_pickle: bool = False) -> MergeTransform:
     """One transform for a whole mapping module → LoRA, dense or (IA)³ delta (``peftdsl.runtime.fold``),
     and tensor → ``PartDelta`` (saved modules, biases, token rows; also taken from ``deltas``).
 
     (IA)³ also maps the module's bias, as PEFT does. With ``dense=True`` every
     delta is dense and is looked up only when the writer reaches its weight, so a
-    lazy mapping can compute each just in time.
+    lazy mapping can compute each just in time. Expert modules (``…gate_up_proj[3]``)
+    change the base's tensors that hold their fused parameter, found in ``base_dir``
+    (``peftdsl.runtime.experts``).
     """
-    if dense:
-        return MergeTransform({f"{name}.weight": (lambda W, n=name: fold_weight(W, deltas[n], name=n))
-                               for name in sorted(deltas)}, dict(parts or {}))
-    parts = dict(parts or {}) | {name: d for name, d in deltas.items() if isinstance(d, PartDelta)}
+    plain, fused = experts.split_names(deltas)
     functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    for name in sorted(deltas):
-        delta = deltas[name]
-        if isinstance(delta, PartDelta):
-            continue
-        functions[f"{name}.weight"] = lambda W, n=name, d=delta: fold_weight(W, d, name=n)
-        if changes_bias(delta):
-            functions[f"{name}.bias"] = lambda b, n=name, d=delta: fold_bias(b, d, name=n)
-    return MergeTransform(functions, parts)
+    if dense:
+        functions = {f"{name}.weight": (lambda W, n=name: fold_weight(W, deltas[n], name=n)) for name in sorted(plain)}
+        parts = dict(parts or {})
+    else:
+        parts = dict(parts or {}) | {name: d for name, d in deltas.items() if isinstance(d, PartDelta)}
+        for name in sorted(plain):
+            delta = deltas[name]
+            if isinstance(delta, PartDelta):
+                continue
+            functions[f"{name}.weight"] = lambda W, n=name, d=delta: fold_weight(W, d, name=n)
+            if changes_bias(delta):
+                functions[f"{name}.bias"] = lambda b, n=name, d=delta: fold_bias(b, d, name=n)
+    if not fused:
+        return MergeTransform(functions, parts)
+    if base_dir is None:
+        raise ValueError("expert deltas need the base's folder to find where their parameters are stored")
+    stored = {entry.name: entry.shape for source in base_weight_files(base_dir, allow_pickle=allow_pickle)
+              for entry in _read_entries(source)}
+    expert_functions = experts.merge_functions(deltas, fused, base_dir, stored)
+    return MergeTransform({**functions, **expert_functions}, parts, required=frozenset(expert_functions))
 
 
 # =========================================================================== merged models

@@ -97,10 +97,17 @@ def lora_adapter_files(
     return {**lora_adapter_config(ranks, layouts, template), **fields}, {**tensors, **part_tensors}
 
 
-def lora_adapter_config(ranks: Mapping[str, int], layouts: Collection[str], template: Mapping[str, Any]) -> dict:
-    """The adapter_config.json of a LoRA adapter with these ranks and scaling 1 everywhere."""
-    r = most_common_rank(ranks.values())
-    pattern = {exact_pattern_key(name): rank for name, rank in ranks.items() if rank != r}
+def lora_adapter_config(ranks: Mapping[str, int], layouts: Collection[str], template: Mapping[str, Any],
+                        parameters: Mapping[str, int] | None = None) -> dict:
+    """The adapter_config.json of a LoRA adapter with these ranks and scaling 1 everywhere.
+
+    ``parameters`` maps fused expert parameters (``target_parameters``) to their rank per
+    expert; PEFT looks their patterns up by the parameter's full path.
+    """
+    parameters = dict(parameters or {})
+    r = most_common_rank([*ranks.values(), *parameters.values()])
+    pattern = {exact_pattern_key(name): rank for name, rank in {**ranks, **parameters}.items() if rank != r}
+    extra = {"target_parameters": sorted(parameters)} if parameters else {}
     return {
         "peft_type": "LORA",
         "r": r,
@@ -108,6 +115,7 @@ def lora_adapter_config(ranks: Mapping[str, int], layouts: Collection[str], temp
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "target_modules": sorted(ranks),
+        **extra,
         "use_rslora": False,
         "use_dora": False,
         # PEFT picks each module's layout from its type (Conv1D, Linear, Embedding);

@@ -21,7 +21,7 @@ from peftdsl.errors import InputDataError, InternalError, UsageError
 from peftdsl.inputs import AdapterInfo, BaseInfo
 from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, working_bytes
 from peftdsl.operators import OPERATORS, Argument
-from peftdsl.runtime import kernels, ops
+from peftdsl.runtime import experts, kernels, ops
 from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta, PartDelta
 from peftdsl.runtime.parts import compute_parts
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
@@ -148,8 +148,11 @@ class Executor:
 
     def read_lora(self, adapter: str, group: Group) -> Lora:
         infos = [self.adapters[adapter].modules[m] for m in group.modules]
-        A = self._read_stack(adapter, [info.keys[0] for info in infos])
-        B = self._read_stack(adapter, [info.keys[1] for info in infos])
+        if any(info.expert is not None for info in infos):  # experts share fused factors (peftdsl.experts)
+            A, B = experts.read_factors(lambda key: self._read_stack(adapter, [key])[0], infos)
+        else:
+            A = self._read_stack(adapter, [info.keys[0] for info in infos])
+            B = self._read_stack(adapter, [info.keys[1] for info in infos])
         scales = [info.scaling for info in infos]
         scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32, device=self.device)
         return Lora(A, B, scale)
