@@ -277,8 +277,8 @@ def _against_base(base, module, adapter: str) -> tuple[str, str | None]:
     header = base.weights.get(slot.parameter)
     out_in = (module.out_features, module.in_features)
     if header is None:
-        count = expert_count(base.config)
-        if base.weights and count is not None and count != slot.count:
+        count = expert_count(base.config)  # of routed experts; a matrix parameter (count 1) is not one
+        if base.weights and count is not None and slot.count > 1 and count != slot.count:
             return module.layout, (f"parameter `{slot.parameter}` has {slot.count} experts in `{adapter}` "
                                    f"but the base model has {count}")
         return layout_for(None, out_in, model_type), None

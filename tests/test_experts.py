@@ -250,6 +250,29 @@ def test_merged_output_keeps_the_base_s_layout_and_equals_merge_and_unload(moe: 
     torch.testing.assert_close(_logits(merged), _logits(reference), atol=1e-5, rtol=1e-5)
 
 
+def test_a_matrix_parameter_is_one_expert_merged_under_its_stored_name(moe: Path, tmp_path: Path):
+    """Mixtral's router weight, targeted as a parameter: a 2-D ParamWrapper (one "expert"),
+    stored as `block_sparse_moe.gate.weight` on disk."""
+    _lora(tmp_path / "router", moe / "mixtral", 7, r=2, alpha=4, parameters=("mlp.gate.weight", "experts.down_proj"))
+    recipe = _recipe(tmp_path, f"""base: {moe}/mixtral
+adapters: {{a: router}}
+compose:
+  x: 2 * a
+  y: 2 * a
+outputs:
+  x: x
+  y: {{path: y, merge: true}}
+""")
+    loaded = peftdsl.load(recipe)
+    assert "model.layers.1.mlp.gate.weight[0]" in loaded.compose("x", device="cpu").deltas()
+    loaded.run(quiet=True, no_eval=True)
+    reference = _logits(_peft_merged(moe, "mixtral", [(str(tmp_path / "router"), 2.0)]))
+    written = PeftModel.from_pretrained(_base(moe, "mixtral"), tmp_path / "x")
+    torch.testing.assert_close(_logits(written), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(_base(tmp_path, "y")), reference, atol=1e-5, rtol=1e-5)
+    assert _stored_keys(tmp_path / "y") == _stored_keys(moe / "mixtral")
+
+
 def test_operators_act_per_expert(moe: Path, tmp_path: Path):
     """`svd`, `pem`, `peft_linear` and `ties` on each expert's matrices, against torch and
     PEFT's `merge_utils`; an `svd` output is written fused and PEFT loads it."""
