@@ -157,8 +157,8 @@ class ParameterFactors:
 def parameter_factors(adapter: str, config: Mapping, tensors: Mapping, pattern_key, error) -> list[ParameterFactors]:
     """Every targeted parameter of an adapter, resolved from its keys, config and shapes.
 
-    ``pattern_key`` is PEFT's rank/alpha pattern lookup, ``error(message, help="")``
-    builds the exception to raise (the caller's `InputError`, code I304).
+    ``pattern_key`` is PEFT's rank/alpha pattern lookup, ``error(message, help="", code="I304")``
+    builds the exception to raise (the caller's `InputError`).
     """
     by_module: dict[str, dict[int, str]] = {}
     for key, (module, depth) in wrapper_keys(config, tensors).items():
@@ -175,6 +175,12 @@ def parameter_factors(adapter: str, config: Mapping, tensors: Mapping, pattern_k
                         f"`target_parameters` selects {len(names)} of its parameters "
                         f"({', '.join(f'`{n}`' for n in names) or 'none'}), so which pair adapts which cannot "
                         "be told", "save the adapter again with PEFT, targeting each parameter once")
+        unknown = [n for n in names if registration_rank(n)[0] == len(REGISTRATION_ORDER)]
+        if len(names) > 1 and unknown:
+            raise error(f"adapter `{adapter}`: module `{module}` has {len(names)} targeted parameters, and in which "
+                        f"order PEFT nested their wrappers is not known for `{unknown[0]}`",
+                        "peftdsl knows the order of " + ", ".join(f"`{n}`" for n in REGISTRATION_ORDER)
+                        + " (and their `_bias`); target one parameter per module", code="I303")
         for position, name in enumerate(names):
             depth = len(names) - 1 - position  # the last registered is the outermost wrapper
             key_a = depths[depth]

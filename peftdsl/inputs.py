@@ -625,13 +625,17 @@ def _lora_modules(name: str, config: dict, tensors: dict[str, TensorInfo]) -> di
     return modules
 
 
+def _expert_error(message: str, help: str = "", code: str = "I304") -> InputError:
+    return InputError(code, message, help)
+
+
 def _expert_modules(name: str, config: dict, tensors: dict[str, TensorInfo],
                     rslora: bool) -> tuple[dict[str, ModuleInfo], set[str]]:
     """The experts of every `target_parameters` wrapper (peftdsl.experts), and the keys they use."""
     from peftdsl import experts
 
     modules, keys = {}, set()
-    for param in experts.parameter_factors(name, config, tensors, pattern_key, lambda *a: InputError("I304", *a)):
+    for param in experts.parameter_factors(name, config, tensors, pattern_key, _expert_error):
         keys.update((param.key_a, param.key_b))
         a, b = tensors[param.key_a], tensors[param.key_b]
         for t, k in ((a, param.key_a), (b, param.key_b)):

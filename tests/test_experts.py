@@ -403,15 +403,22 @@ def test_what_only_the_model_knows_is_checked_before_anything_is_written(moe: Pa
     assert not (tmp_path / "x").exists()
 
 
-def test_unresolvable_nesting_is_refused(moe: Path, tmp_path: Path):
-    """One saved pair, two parameters `target_parameters` selects: which is which cannot be told."""
-    shutil.copytree(moe / "mixtral_down", tmp_path / "odd")
+@pytest.mark.parametrize(("adapter", "targets", "code", "found"), [
+    # one saved pair, two parameters `target_parameters` selects: which is which cannot be told
+    ("mixtral_down", ["experts.down_proj", "experts.w9"], "I304",
+     "`model.layers.0.mlp.experts` has 1 nested LoRA pair"),
+    # two pairs, but names whose registration order (PEFT's nesting) peftdsl does not know
+    ("mixtral_a", ["experts.w13_weight", "experts.w2_weight"], "I303", "not known for `w13_weight`"),
+])
+def test_unresolvable_nesting_is_refused(moe: Path, tmp_path: Path, adapter: str, targets: list, code: str,
+                                         found: str):
+    shutil.copytree(moe / adapter, tmp_path / "odd")
     config_path = tmp_path / "odd/adapter_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "target_parameters": ["experts.down_proj", "experts.w9"]}))
+    config_path.write_text(json.dumps({**config, "target_parameters": targets}))
     recipe = _recipe(tmp_path, f"adapters: {{o: {tmp_path}/odd}}\ncompose:\n  x: 2 * o\n")
     [error] = peftdsl.load(recipe).errors
-    assert error.code == "I304" and "`model.layers.0.mlp.experts` has 1 nested LoRA pair" in error.message
+    assert error.code == code and found in error.message
 
 
 def test_lint_reads_expert_adapters_without_torch(moe: Path):
