@@ -403,6 +403,21 @@ def test_what_only_the_model_knows_is_checked_before_anything_is_written(moe: Pa
     assert not (tmp_path / "x").exists()
 
 
+def test_an_output_peft_could_not_load_is_not_written(moe: Path, tmp_path: Path):
+    """PEFT's ParamWrapper refuses `lora_bias`: experts with a `lora_bias` term go to `merge: true`."""
+    model = _base(moe, "mixtral")
+    torch.manual_seed(8)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "lb")
+    recipe = _recipe(tmp_path, f"base: {moe}/mixtral\nadapters: {{a: {moe}/mixtral_a, lb: lb}}\n"
+                               "compose:\n  x: a + lb\noutputs:\n  x: x\n")
+    with pytest.raises(peftdsl.RecipeError) as err:
+        peftdsl.load(recipe).run(quiet=True, no_eval=True)
+    [error] = err.value.diagnostics
+    assert error.code == "R601" and "`target_parameters` and `lora_bias`" in error.message
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(("adapter", "targets", "code", "found"), [
     # one saved pair, two parameters `target_parameters` selects: which is which cannot be told
     ("mixtral_down", ["experts.down_proj", "experts.w9"], "I304",
