@@ -145,6 +145,8 @@ def _lora_tensor_entries(
 
 def lora_keys(name: str, layout: str) -> tuple[str, str]:
     """PEFT's saved key names of a module's A and B: embeddings keep bare parameters."""
+    if name.endswith("]"):  # an expert (`…gate_up_proj[3]`): its keys are its parameter's, fused
+        raise ValueError(f"module `{name}` is an expert: peftdsl.runtime.experts.AdapterFusion writes its keys")
     prefix = f"base_model.model.{name}"
     if layout == "embedding":
         return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
