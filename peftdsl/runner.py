@@ -263,10 +263,7 @@ class Session:
             yield part_tensors
 
         config = {**write.lora_adapter_config(ranks, layouts, template, parameters=fusion.ranks()), **fields}
-        clash = [flag for flag in ("lora_bias", "fan_in_fan_out") if config.get(flag)]
-        if config.get("target_parameters") and clash:  # PEFT's ParamWrapper refuses both
-            raise OutputError(f"PEFT cannot load an adapter with `target_parameters` and `{clash[0]}`: write "
-                              "this composition with `merge: true`, or compose the experts separately")
+        write.check_loadable(config)
         write.write_adapter_streaming(out.path, config=config, specs=specs, chunks=chunks(),
                                       provenance=provenance, force=force)
 

@@ -317,6 +317,25 @@ outputs:
                                    torch.stack([got["t"][n] for n in names]), atol=1e-6, rtol=1e-5)
 
 
+def test_ranks_chosen_per_expert_are_padded_into_the_fused_factors(moe: Path, tmp_path: Path):
+    """`svd(keep=)` picks a rank per expert; the fused pair holds the largest, the others padded
+    with zero factors, so every expert's ΔW is the one chosen and PEFT loads it."""
+    recipe = peftdsl.load(_recipe(moe, f"base: mixtral\nadapters: {{a: mixtral_a, b: mixtral_b}}\n"
+                                       f"compose:\n  s: svd(a - b, rank=5, keep=0.8)\noutputs:\n  s: {tmp_path}/s\n"))
+    recipe.raise_for_errors()
+    got = recipe.compose("s", device="cpu").deltas()
+    recipe.run(quiet=True, no_eval=True)
+    ranks = json.loads((tmp_path / "s/peftdsl.json").read_text())["ranks"]
+    written = PeftModel.from_pretrained(_base(moe, "mixtral"), tmp_path / "s")
+    chosen = set()
+    for parameter in EXPERT_PARAMETERS:
+        chosen |= {ranks[f"{parameter}[{e}]"]["rank"] for e in range(4)}
+        want = torch.stack([got[f"{parameter}[{e}]"] for e in range(4)])
+        torch.testing.assert_close(_wrapper(written, parameter).get_delta_weight("default"), want,
+                                   atol=1e-5, rtol=1e-4)
+    assert len(chosen) > 1  # the experts' ranks differ
+
+
 def _expert_factors(wrapper) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A_e, B_e, s) per expert of a PEFT ParamWrapper, as PEFT reshapes them."""
     E = wrapper.num_experts

@@ -21,6 +21,7 @@ import torch
 
 from peftdsl.errors import OutputError
 from peftdsl.outputs.atomic import atomic_output, json_bytes, save_file
+from peftdsl.runtime.experts import AdapterFusion
 from peftdsl.runtime.fold import PartDelta
 from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype, stored
 
@@ -86,15 +87,33 @@ def lora_adapter_files(
     layouts: set[str] = set()
     tensors: dict[str, torch.Tensor] = {}
     widths: dict[str, int] = {}
+    fusion = AdapterFusion()  # experts (`…gate_up_proj[3]`) go back into their parameter's fused factors
     for name in sorted(modules):
         A, B, layout = _fields(modules[name], ("A", "B", "layout"))
         _check_lora_shapes(name, A, B)
-        ranks[name] = int(A.shape[0])
         widths[name] = int(B.shape[0])
+        if fusion.claims(name):
+            fusion.plan(name, int(A.shape[0]), int(B.shape[0]), int(A.shape[1]))
+            continue
+        ranks[name] = int(A.shape[0])
         layouts.add(layout)
         tensors.update(_lora_tensor_entries(name, A, B, layout, torch_dtype))
+    for name in sorted(m for m in modules if fusion.claims(m)):
+        fused = fusion.add(name, modules[name])
+        tensors.update({key: stored(t, torch_dtype, key) for key, t in fused.items()})
     fields, part_tensors = part_files(parts, widths, torch_dtype)
-    return {**lora_adapter_config(ranks, layouts, template), **fields}, {**tensors, **part_tensors}
+    config = {**lora_adapter_config(ranks, layouts, template, parameters=fusion.ranks()), **fields}
+    check_loadable(config)
+    return config, {**tensors, **part_tensors}
+
+
+def check_loadable(config: Mapping[str, Any]) -> None:
+    """Refuse a LoRA config PEFT could not load: its ParamWrapper (``target_parameters``)
+    refuses ``lora_bias`` and ``fan_in_fan_out``."""
+    clash = [flag for flag in ("lora_bias", "fan_in_fan_out") if config.get(flag)]
+    if config.get("target_parameters") and clash:
+        raise OutputError(f"PEFT cannot load an adapter with `target_parameters` and `{clash[0]}`: write this "
+                          "composition with `merge: true`, or compose the experts separately")
 
 
 def lora_adapter_config(ranks: Mapping[str, int], layouts: Collection[str], template: Mapping[str, Any],
