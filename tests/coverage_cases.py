@@ -21,6 +21,7 @@ When peftdsl starts supporting a refused feature, change its `expect` to `SUPPOR
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -87,22 +88,23 @@ class Arch:
 
 
 VOCAB = 96
-_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DECODER = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2,
+            "pad_token_id": 0}
 _GQA = dict(_DECODER, num_key_value_heads=2)
 _QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 _GATED = ("gate_proj", "up_proj", "down_proj")
-_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=72, num_labels=3)
-_BERT_LIKE = dict(attention=("query", "key", "value", "attention.output.dense"),
-                  mlp=("intermediate.dense", "output.dense"), ia3=("key", "value", "output.dense"),
-                  feedforward=("output.dense",), embedding="word_embeddings", lm_head=None, ties=True, biases=True,
-                  task=SEQ_CLS)
+_ENCODER = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "max_position_embeddings": 72, "num_labels": 3}
+_BERT_LIKE = {"attention": ("query", "key", "value", "attention.output.dense"),
+              "mlp": ("intermediate.dense", "output.dense"), "ia3": ("key", "value", "output.dense"),
+              "feedforward": ("output.dense",), "embedding": "word_embeddings", "lm_head": None, "ties": True,
+              "biases": True, "task": SEQ_CLS}
 
 ARCHS: tuple[Arch, ...] = (
     Arch(id="gpt2", title="GPT-2", model="GPT2LMHeadModel", config="GPT2Config",
-         settings=dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
-                       eos_token_id=2),
+         settings={"vocab_size": VOCAB, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
+                   "bos_token_id": 1, "eos_token_id": 2},
          attention=("c_attn", "attn.c_proj"), mlp=("c_fc", "mlp.c_proj"), ia3=("c_attn", "mlp.c_proj"),
          feedforward=("mlp.c_proj",), embedding="wte", ties=True, conv1d=True, biases=True),
     Arch(id="llama", title="Llama (GQA)", model="LlamaForCausalLM", config="LlamaConfig", settings=_GQA,
@@ -130,14 +132,14 @@ ARCHS: tuple[Arch, ...] = (
          attention=("q_proj", "k_proj", "v_proj", "out_proj"), mlp=("fc1", "fc2"), ia3=("q_proj", "k_proj", "fc2"),
          feedforward=("fc2",), embedding="embed_tokens", ties=True, biases=True),
     Arch(id="bloom", title="Bloom (fused qkv)", model="BloomForCausalLM", config="BloomConfig",
-         settings=dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0),
+         settings={"vocab_size": VOCAB, "hidden_size": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 1,
+                   "eos_token_id": 2, "pad_token_id": 0},
          attention=("query_key_value", "self_attention.dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
          ia3=("query_key_value", "mlp.dense_4h_to_h"), feedforward=("mlp.dense_4h_to_h",),
          embedding="word_embeddings", ties=True, biases=True),
     Arch(id="falcon", title="Falcon (fused qkv)", model="FalconForCausalLM", config="FalconConfig",
-         settings=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       bos_token_id=1, eos_token_id=2),
+         settings={"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "bos_token_id": 1, "eos_token_id": 2},
          attention=("query_key_value", "self_attention.dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
          ia3=("query_key_value", "dense_4h_to_h"), feedforward=("dense_4h_to_h",), embedding="word_embeddings",
          ties=True),
@@ -155,8 +157,9 @@ ARCHS: tuple[Arch, ...] = (
          embedding="embed_tokens", biases=True, experts=("experts.gate_up_proj", "experts.down_proj"),
          router="mlp.gate.weight"),
     Arch(id="t5", title="T5 (seq2seq)", model="T5ForConditionalGeneration", config="T5Config", task=SEQ_2_SEQ_LM,
-         settings=dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                       num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2),
+         settings={"vocab_size": VOCAB, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+                   "num_decoder_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0,
+                   "eos_token_id": 2},
          attention=("q", "k", "v", "o"), mlp=("wi", "wo"), ia3=("k", "v", "wo"), feedforward=("wo",),
          embedding="shared", ties=True),
     Arch(id="roberta", title="RoBERTa (classifier)", model="RobertaForSequenceClassification",
@@ -201,16 +204,16 @@ def _lora(**config) -> Adapter:
 
 
 def _regex(arch: Arch) -> str:
+    """PEFT full-matches a string `target_modules` against module names: here, two kinds of layer in block 1."""
     first, last = arch.attention[0], (arch.mlp or arch.attention)[-1]
-    escape = lambda name: name.replace(".", r"\.")  # noqa: E731
-    return rf".*\.1\.(?:.*\.)?(?:{escape(first)}|{escape(last)})"
+    return rf".*\.1\.(?:.*\.)?(?:{re.escape(first)}|{re.escape(last)})"
 
 
 def _needs(condition: bool, reason: str, build: Callable[[], Adapter]) -> Adapter | NotApplicable:
     return build() if condition else NotApplicable(reason)
 
 
-_NO_HEAD = "a sequence classifier has no LM head (its head is the saved-heads column)"
+_NO_HEAD = "a sequence classifier has no LM head"
 _I303_FULL = r"adapter `a` saves full module weights \(`.+`\), which replace the base's instead of adding to them"
 
 
@@ -245,17 +248,17 @@ FEATURES: tuple[Feature, ...] = (
     Feature(id="tied", title="tied embeddings", doc="LoRA on both the embedding and the output layer of a base "
             "built with `tie_word_embeddings=True`: both deltas land on the one shared tensor",
             build=lambda a: _needs(a.lm_head is not None, _NO_HEAD,
-                                   lambda: Adapter(config=dict(target_modules=[a.embedding, a.lm_head]), tie=True))),
+                                   lambda: Adapter(config={"target_modules": [a.embedding, a.lm_head]}, tie=True))),
     Feature(id="fan_in_fan_out", title="`fan_in_fan_out`", doc="`fan_in_fan_out=True` on Conv1D layers "
             "(other GPT-2 cells leave it unset: PEFT then sets it itself)",
             build=lambda a: _needs(a.conv1d, "no Conv1D layers",
                                    lambda: _lora(target_modules=list(a.linear), fan_in_fan_out=True))),
     Feature(id="ia3", title="(IA)³", doc="(IA)³ with `feedforward_modules`",
-            build=lambda a: Adapter(peft_type="IA3", config=dict(target_modules=list(a.ia3),
-                                                                 feedforward_modules=list(a.feedforward)))),
+            build=lambda a: Adapter(peft_type="IA3", config={"target_modules": list(a.ia3),
+                                                             "feedforward_modules": list(a.feedforward)})),
     Feature(id="pissa_converted", title="PiSSA, converted", doc="`init_lora_weights=\"pissa\"`, saved with "
             "`path_initial_model_for_weight_conversion`",
-            build=lambda a: Adapter(config=dict(target_modules=list(a.attention), init_lora_weights="pissa"),
+            build=lambda a: Adapter(config={"target_modules": list(a.attention), "init_lora_weights": "pissa"},
                                     convert=True)),
     Feature(id="pissa", title="PiSSA, as trained", doc="`init_lora_weights=\"pissa\"`, saved without conversion",
             build=lambda a: _lora(target_modules=list(a.attention), init_lora_weights="pissa"),
