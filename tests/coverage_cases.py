@@ -9,14 +9,17 @@ A cell is one of
 - `Supported`: peftdsl composes `0.7 * a - 0.3 * b` of two random adapters and the test checks
   the merged model's every tensor against PEFT's own merge, the adapter output's logits in
   PEFT against the merged model's, and that the merged model loads in its Auto class;
-- `Refused(code, message)`: peftdsl refuses such an adapter on purpose, and the test asserts
-  that diagnostic (its code, and its message as a regex over the whole text) for adapter `a`;
+- `Refused(code, message)`: peftdsl refuses the cell on purpose, and the test asserts
+  that diagnostic (its code, and its message as a regex over the whole text);
 - `KnownWrong(reason)`: peftdsl gives a wrong result or fails; the test is a strict xfail;
 - `NotApplicable(reason)`: the pair makes no sense (no Conv1D layers, no LM head…); skipped.
 
 Adding a feature is one `Feature(...)` line in `FEATURES` (with a function that builds its
 PEFT config for an architecture); adding an architecture is one `Arch(...)` in `ARCHS`.
-When peftdsl starts supporting a refused feature, change its `expect` to `SUPPORTED`.
+A feature's `expect` says what every architecture does with it; `REFUSED` and `KNOWN_WRONG`
+name the cells that differ. When peftdsl starts supporting a refused feature, drop its
+`expect`; when a known-wrong cell is fixed, its strict xfail fails until its entry is gone.
+After any change, `python scripts/coverage_table.py` regenerates the README's table.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Supported:
 @dataclass(frozen=True, slots=True)
 class Refused:
     code: str
-    message: str  # a regex that the diagnostic's whole message matches (the adapter is named `a`)
+    message: str  # a regex that each error's whole message matches (the adapters are named `a` and `b`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +81,17 @@ class Arch:
     lm_head: str | None = "lm_head"  # the output layer; None: the model has none
     ties: bool = False  # whether the default config ties the embedding to the output layer
     conv1d: bool = False  # GPT-2's Conv1D layers (weights stored in×out)
-    biases: bool = False  # whether the attention/MLP layers carry biases
+    biases: str = "none"  # which attention/MLP layers carry a bias: "all", "qkv" or "none"
     experts: tuple[str, ...] = ()  # fused MoE expert parameters
     router: str | None = None  # the MoE router's weight (not an nn.Linear in transformers 5)
 
     @property
     def linear(self) -> tuple[str, ...]:
         return self.attention + self.mlp
+
+    @property
+    def biased(self) -> tuple[str, ...]:
+        return {"all": self.linear, "qkv": ("q_proj", "k_proj", "v_proj"), "none": ()}[self.biases]
 
 
 VOCAB = 96
@@ -99,20 +106,20 @@ _ENCODER = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num
 _BERT_LIKE = {"attention": ("query", "key", "value", "attention.output.dense"),
               "mlp": ("intermediate.dense", "output.dense"), "ia3": ("key", "value", "output.dense"),
               "feedforward": ("output.dense",), "embedding": "word_embeddings", "lm_head": None, "ties": True,
-              "biases": True, "task": SEQ_CLS}
+              "biases": "all", "task": SEQ_CLS}
 
 ARCHS: tuple[Arch, ...] = (
     Arch(id="gpt2", title="GPT-2", model="GPT2LMHeadModel", config="GPT2Config",
          settings={"vocab_size": VOCAB, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
                    "bos_token_id": 1, "eos_token_id": 2},
          attention=("c_attn", "attn.c_proj"), mlp=("c_fc", "mlp.c_proj"), ia3=("c_attn", "mlp.c_proj"),
-         feedforward=("mlp.c_proj",), embedding="wte", ties=True, conv1d=True, biases=True),
+         feedforward=("mlp.c_proj",), embedding="wte", ties=True, conv1d=True, biases="all"),
     Arch(id="llama", title="Llama (GQA)", model="LlamaForCausalLM", config="LlamaConfig", settings=_GQA,
          attention=_QKVO, mlp=_GATED, ia3=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",),
          embedding="embed_tokens"),
     Arch(id="qwen2", title="Qwen2", model="Qwen2ForCausalLM", config="Qwen2Config", settings=_GQA,
          attention=_QKVO, mlp=_GATED, ia3=("q_proj", "v_proj", "down_proj"), feedforward=("down_proj",),
-         embedding="embed_tokens", biases=True),
+         embedding="embed_tokens", biases="qkv"),
     Arch(id="gemma", title="Gemma", model="GemmaForCausalLM", config="GemmaConfig",
          settings=dict(_DECODER, num_key_value_heads=1, head_dim=8),
          attention=_QKVO, mlp=_GATED, ia3=("q_proj", "v_proj", "down_proj"), feedforward=("down_proj",),
@@ -123,20 +130,20 @@ ARCHS: tuple[Arch, ...] = (
     Arch(id="gpt_neox", title="GPT-NeoX (fused qkv)", model="GPTNeoXForCausalLM", config="GPTNeoXConfig",
          settings=_DECODER, attention=("query_key_value", "attention.dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
          ia3=("query_key_value", "dense_4h_to_h"), feedforward=("dense_4h_to_h",), embedding="embed_in",
-         biases=True),
+         biases="all"),
     Arch(id="mistral", title="Mistral", model="MistralForCausalLM", config="MistralConfig", settings=_GQA,
          attention=_QKVO, mlp=_GATED, ia3=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",),
          embedding="embed_tokens"),
     Arch(id="opt", title="OPT", model="OPTForCausalLM", config="OPTConfig",
          settings=dict(_DECODER, ffn_dim=64, word_embed_proj_dim=32),
          attention=("q_proj", "k_proj", "v_proj", "out_proj"), mlp=("fc1", "fc2"), ia3=("q_proj", "k_proj", "fc2"),
-         feedforward=("fc2",), embedding="embed_tokens", ties=True, biases=True),
+         feedforward=("fc2",), embedding="embed_tokens", ties=True, biases="all"),
     Arch(id="bloom", title="Bloom (fused qkv)", model="BloomForCausalLM", config="BloomConfig",
          settings={"vocab_size": VOCAB, "hidden_size": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 1,
                    "eos_token_id": 2, "pad_token_id": 0},
          attention=("query_key_value", "self_attention.dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
          ia3=("query_key_value", "mlp.dense_4h_to_h"), feedforward=("mlp.dense_4h_to_h",),
-         embedding="word_embeddings", ties=True, biases=True),
+         embedding="word_embeddings", ties=True, biases="all"),
     Arch(id="falcon", title="Falcon (fused qkv)", model="FalconForCausalLM", config="FalconConfig",
          settings={"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                    "bos_token_id": 1, "eos_token_id": 2},
@@ -154,7 +161,7 @@ ARCHS: tuple[Arch, ...] = (
          attention=_QKVO, mlp=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
                                "shared_expert_gate"),
          ia3=("k_proj", "v_proj", "shared_expert.down_proj"), feedforward=("shared_expert.down_proj",),
-         embedding="embed_tokens", biases=True, experts=("experts.gate_up_proj", "experts.down_proj"),
+         embedding="embed_tokens", biases="qkv", experts=("experts.gate_up_proj", "experts.down_proj"),
          router="mlp.gate.weight"),
     Arch(id="t5", title="T5 (seq2seq)", model="T5ForConditionalGeneration", config="T5Config", task=SEQ_2_SEQ_LM,
          settings={"vocab_size": VOCAB, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
@@ -214,11 +221,10 @@ def _needs(condition: bool, reason: str, build: Callable[[], Adapter]) -> Adapte
 
 
 _NO_HEAD = "a sequence classifier has no LM head"
-_I303_FULL = r"adapter `a` saves full module weights \(`.+`\), which replace the base's instead of adding to them"
 
 
 def _flag_refused(flag: str, reason: str) -> Refused:
-    return Refused("I303", rf"adapter `a` uses `{flag}`: {reason}")
+    return Refused("I303", rf"adapter `[ab]` uses `{flag}`: {reason}")
 
 
 _TARGET_PARAMETERS = _flag_refused("target_parameters", r"LoRA on raw parameters \(`target_parameters`\) is not "
@@ -262,7 +268,7 @@ FEATURES: tuple[Feature, ...] = (
                                     convert=True)),
     Feature(id="pissa", title="PiSSA, as trained", doc="`init_lora_weights=\"pissa\"`, saved without conversion",
             build=lambda a: _lora(target_modules=list(a.attention), init_lora_weights="pissa"),
-            expect=Refused("I303", r"adapter `a` was initialised with `init_lora_weights: pissa`, which rewrites "
+            expect=Refused("I303", r"adapter `[ab]` was initialised with `init_lora_weights: pissa`, which rewrites "
                            r"the base weights when PEFT loads it: its factors are not a delta on the base")),
     Feature(id="dora", title="DoRA", doc="`use_dora=True`",
             build=lambda a: _lora(target_modules=list(a.attention), use_dora=True),
@@ -271,19 +277,14 @@ FEATURES: tuple[Feature, ...] = (
     Feature(id="modules_to_save", title="saved heads", doc="`modules_to_save` (the output layer; a classifier's "
             "head, which PEFT's `SEQ_CLS` saves itself)",
             build=lambda a: _lora(target_modules=list(a.attention), task_type=SEQ_CLS) if a.task == SEQ_CLS
-            else _lora(target_modules=list(a.attention), modules_to_save=[a.lm_head]),
-            expect=Refused("I303", _I303_FULL)),
+            else _lora(target_modules=list(a.attention), modules_to_save=[a.lm_head])),
     Feature(id="trainable_tokens", title="trained tokens", doc="`trainable_token_indices` (rows of the embedding)",
-            build=lambda a: _lora(target_modules=list(a.attention), trainable_token_indices=[3, 5, 7]),
-            expect=_flag_refused("trainable_token_indices", "trainable token rows are full weights, not low-rank "
-                                 "deltas")),
+            build=lambda a: _lora(target_modules=list(a.attention), trainable_token_indices=[3, 5, 7])),
     Feature(id="bias", title="`bias`", doc="`bias=\"lora_only\"` (the adapted layers' biases are trained)",
-            build=lambda a: _needs(a.biases, "its layers have no biases",
-                                   lambda: _lora(target_modules=list(a.linear), bias="lora_only")),
-            expect=Refused("I303", _I303_FULL)),
+            build=lambda a: _needs(bool(a.biased), "its layers have no biases",
+                                   lambda: _lora(target_modules=list(a.linear), bias="lora_only"))),
     Feature(id="lora_bias", title="`lora_bias`", doc="`lora_bias=True` (a bias on lora_B)",
-            build=lambda a: _lora(target_modules=list(a.attention), lora_bias=True),
-            expect=_flag_refused("lora_bias", "`lora_bias` trains a bias term that peftdsl does not compose")),
+            build=lambda a: _lora(target_modules=list(a.attention), lora_bias=True)),
     Feature(id="experts", title="MoE experts", doc="`target_parameters` on the fused experts "
             "(`experts.gate_up_proj`, `experts.down_proj`)",
             build=lambda a: _needs(bool(a.experts), "not a mixture of experts",
@@ -296,11 +297,17 @@ FEATURES: tuple[Feature, ...] = (
             expect=_TARGET_PARAMETERS),
 )
 
+_LORA_BIAS_MERGE = Refused("T414", r"output `merged` cannot be merged: `.+\.bias` gets a `lora_bias` delta, but the "
+                                   r"base has no such bias")
+
 # Cells refused although their feature is not: PEFT 0.21's `all-linear` on Mixtral also
-# targets the fused experts and the router, with `target_parameters`.
+# targets the fused experts and the router, with `target_parameters`; a `lora_bias` on a
+# layer without a bias has nothing to merge into (PEFT cannot merge it either), so only the
+# merged output is refused there.
 REFUSED: Mapping[tuple[str, str], Refused] = {
     ("mixtral", "all_linear"): _TARGET_PARAMETERS,
     ("mixtral", "exclude"): _TARGET_PARAMETERS,
+    **{(arch.id, "lora_bias"): _LORA_BIAS_MERGE for arch in ARCHS if not set(arch.attention) <= set(arch.biased)},
 }
 
 _TIED_HEAD = ("refused with I307 (`adapter a adapts lm_head, which the base model does not have`): a tied output "
@@ -309,12 +316,16 @@ _TIED_HEAD = ("refused with I307 (`adapter a adapts lm_head, which the base mode
 _RENAMED_HEAD = ("refused with I307 (`adapter a adapts lm_head, which the base model does not have`): GPT-NeoX "
                  "stores its output layer as `embed_out.weight`, which transformers 5 loads as `lm_head`; past the "
                  "check, the merge fails too (R601 `the base model has no tensor named lm_head.weight`)")
+_RENAMED_SAVED_HEAD = ("refused with T414 (`cannot compose lm_head.weight: the base has no lm_head.weight`): GPT-NeoX "
+                       "stores its output layer as `embed_out.weight`, so a saved `lm_head` is taken for a head "
+                       "created at fine-tuning time, which only averages may combine")
 
 # Cells where peftdsl gives a wrong result or fails: strict xfails, each with what goes wrong.
 KNOWN_WRONG: Mapping[tuple[str, str], str] = {
     **{(arch.id, "lm_head"): _TIED_HEAD for arch in ARCHS if arch.ties and arch.lm_head},
     **{(arch.id, "tied"): _TIED_HEAD for arch in ARCHS if arch.lm_head},
     ("gpt_neox", "lm_head"): _RENAMED_HEAD,
+    ("gpt_neox", "modules_to_save"): _RENAMED_SAVED_HEAD,
 }
 
 # ----------------------------------------------------------------------- cells

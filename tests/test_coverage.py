@@ -30,7 +30,7 @@ import pytest
 import torch
 import transformers
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -181,10 +181,14 @@ def perturb(model: PeftModel, seed: int) -> None:
                 param.add_(0.05 * noise)
 
 
-def adapts_a_tied_weight(model: PeftModel) -> bool:
-    """Whether some adapted layer's weight is shared with another parameter (a tied embedding / output layer)."""
+def lora_on_a_tied_weight(model: PeftModel) -> bool:
+    """Whether some LoRA layer's weight is shared with another parameter (a tied embedding / output layer).
+
+    PEFT's unmerged forward then applies that delta to one side only, its merge to both (I313).
+    Saved modules and trained token rows are not affected: PEFT handles their ties itself.
+    """
     uses = Counter(param.data_ptr() for _, param in model.named_parameters(remove_duplicate=False))
-    layers = [module.get_base_layer() for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    layers = [module.get_base_layer() for module in model.modules() if isinstance(module, LoraLayer)]
     return any(uses[layer.weight.data_ptr()] > 1 for layer in layers if hasattr(layer, "weight"))
 
 
@@ -244,10 +248,11 @@ outputs:
 
 
 def assert_refused(recipe: peftdsl.Recipe, refused: cases.Refused) -> None:
-    [error] = recipe.errors
-    assert error.code == refused.code, (error.code, error.message)
-    assert re.fullmatch(refused.message, error.message), error.message
-    assert error.message.startswith("adapter `a` ")
+    """Every error is the refusal (one per adapter, for a refused input), and there is one."""
+    assert recipe.errors, "not refused"
+    for error in recipe.errors:
+        assert error.code == refused.code, (error.code, error.message)
+        assert re.fullmatch(refused.message, error.message), error.message
 
 
 def logits(model: torch.nn.Module, task: str) -> torch.Tensor:
@@ -279,26 +284,25 @@ def test_cell(cell: cases.Cell, bases: Bases, workdir: Path):
         pytest.skip(cell.outcome.reason)
     arch, feature = cell.arch, cell.feature
     base = bases.get(arch, cell.adapter.tie)
-    if isinstance(cell.outcome, cases.Refused):  # refused as an input: one adapter shows it
-        build_adapter(base, cell, "a", workdir / "a")
-        assert_refused(peftdsl.loads(f"peftdsl: 1\nbase: {base.path}\nadapters: {{a: a}}\ncompose: {{mix: 0.7 * a}}\n",
-                                     root=workdir), cell.outcome)
-        return
     models = [build_adapter(base, cell, name, workdir / name) for name in ADAPTERS]
     recipe = recipe_for(cell, base, workdir)
+    if isinstance(cell.outcome, cases.Refused):
+        assert_refused(recipe, cell.outcome)
+        return
     assert recipe.errors == []
-    tied = base.ties and adapts_a_tied_weight(models[0])
+    tied = base.ties and lora_on_a_tied_weight(models[0])
     if tied:  # documented: the delta lands on the shared tensor, as merge_and_unload does
         assert "I313" in {d.code for d in recipe.diagnostics}
     want, spare = reference(base, models, feature.weights, cell.adapter.peft_type)
     recipe.run(no_eval=True)
 
-    # (a) every stored tensor of the merged model, against PEFT's merges
+    # (a) every stored tensor of the merged model, against PEFT's merges: all the base stores,
+    # and more only where the reference has it apart (a saved lm_head of a tied base, written untied)
     stored = {}
     for shard in sorted((workdir / "out" / "merged").glob("*.safetensors")):
         stored.update(load_file(shard))
-    assert set(stored) == base.stored
     want_stored = on_disk(base, want, spare, workdir / "reference")
+    assert base.stored <= stored.keys() <= want_stored.keys()
     for name, tensor in stored.items():
         assert_close(tensor, want_stored[name], WEIGHT_ATOL, name)
     assert any(not torch.equal(want[name], base.state[name]) for name in want), "the adapters change nothing"
