@@ -182,7 +182,7 @@ ARCHS: tuple[Arch, ...] = (
 class Adapter:
     """How to build each of the two adapters of a cell: a PEFT config and how to save it."""
 
-    peft_type: str = "LORA"  # LORA | IA3
+    peft_type: str = "LORA"  # LORA | IA3 | FULL (a fine-tuned checkpoint: a model folder, no PEFT)
     config: Mapping[str, object] = field(default_factory=dict)  # LoraConfig / IA3Config keywords
     tie: bool = False  # build the base with tie_word_embeddings=True
     convert: bool = False  # save with PEFT's `path_initial_model_for_weight_conversion`
@@ -285,6 +285,10 @@ FEATURES: tuple[Feature, ...] = (
                                    lambda: _lora(target_modules=list(a.linear), bias="lora_only"))),
     Feature(id="lora_bias", title="`lora_bias`", doc="`lora_bias=True` (a bias on lora_B)",
             build=lambda a: _lora(target_modules=list(a.attention), lora_bias=True)),
+    Feature(id="full", title="full fine-tune", doc="a fully fine-tuned checkpoint (`kind: full`, every tensor "
+            "trained): task arithmetic, checked as for the other columns except that a dense delta has no adapter "
+            "output",
+            build=lambda a: Adapter(peft_type="FULL")),
     Feature(id="experts", title="MoE experts", doc="`target_parameters` on the fused experts "
             "(`experts.gate_up_proj`, `experts.down_proj`)",
             build=lambda a: _needs(bool(a.experts), "not a mixture of experts",

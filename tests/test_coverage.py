@@ -6,7 +6,8 @@ against PEFT itself:
 
 (a) every tensor of the merged model is base + Σ cᵢ·(PEFT's `merge_and_unload` of adapter i − base)
     (for (IA)³: PEFT's merge of l = 1 + Σ cᵢ·(lᵢ − 1), DESIGN §2), to 1e-5 of the tensor's scale;
-(b) the adapter output loads in `PeftModel.from_pretrained`, and its logits are the merged model's;
+(b) the adapter output loads in `PeftModel.from_pretrained`, and its logits are the merged model's
+    (a full fine-tune's dense delta has no adapter output);
 (c) the merged model loads in the Auto class of its task, with no missing or unexpected keys.
 
 Refused cells assert the diagnostic, known-wrong cells are strict xfails, and cells that do not
@@ -143,6 +144,14 @@ def build_adapter(base: Base, cell: cases.Cell, name: str, folder: Path) -> Peft
     """Adapter `name` of the cell, "trained" (every trainable parameter moved) and saved; returned unmerged."""
     r, alpha, seed = ADAPTERS[name]
     spec = cell.adapter
+    if spec.peft_type == "FULL":  # every tensor trained, saved as a model folder
+        model = copy.deepcopy(base.model)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(folder)
+        return model
     settings = {"task_type": PEFT_TASK[cell.arch.task], **spec.config}
     if spec.peft_type == "IA3":
         config = IA3Config(**settings)
@@ -192,7 +201,7 @@ def lora_on_a_tied_weight(model: PeftModel) -> bool:
     return any(uses[layer.weight.data_ptr()] > 1 for layer in layers if hasattr(layer, "weight"))
 
 
-def reference(base: Base, models: list[PeftModel], weights: tuple[float, ...], peft_type: str):
+def reference(base: Base, models: list[torch.nn.Module], weights: tuple[float, ...], peft_type: str):
     """The merged model's state dict the composition must give, from PEFT's own merges; and a
     spare copy of the base model (one of the merged copies, reset), for loading the output into."""
     if peft_type == "IA3":  # l = 1 + Σ cᵢ(lᵢ − 1), merged by PEFT
@@ -205,8 +214,8 @@ def reference(base: Base, models: list[PeftModel], weights: tuple[float, ...], p
                                 + sum(w * (v[name] - 1) for w, v in zip(weights[1:], vectors, strict=True)))
         want = {k: v.detach().clone() for k, v in first.merge_and_unload().state_dict().items()}
         spare = others[0].unload()
-    else:
-        unloaded = [model.merge_and_unload() for model in models]
+    else:  # LoRA: PEFT merges each adapter; a full fine-tune is its own merge
+        unloaded = [model if peft_type == "FULL" else model.merge_and_unload() for model in models]
         merged = [model.state_dict() for model in unloaded]
         want = {name: tensor + sum(w * (m[name] - tensor) for w, m in zip(weights, merged, strict=True))
                 if tensor.is_floating_point() else tensor
@@ -235,14 +244,15 @@ def on_disk(base: Base, want: dict, model: torch.nn.Module, folder: Path) -> dic
 
 
 def recipe_for(cell: cases.Cell, base: Base, folder: Path) -> peftdsl.Recipe:
+    """Two outputs of one composition: an adapter (none for a dense delta) and a merged model."""
+    adapter = "" if cell.adapter.peft_type == "FULL" else "\n  mix: out/mix"
     return peftdsl.loads(f"""peftdsl: 1
 base: {base.path}
 adapters: {{a: a, b: b}}
 compose:
   mix: {cell.feature.expression}
   merged: mix
-outputs:
-  mix: out/mix
+outputs:{adapter}
   merged: {{path: out/merged, merge: true}}
 """, root=folder)
 
@@ -317,12 +327,14 @@ def test_cell(cell: cases.Cell, bases: Bases, workdir: Path):
         assert_close(tensor, want[name], WEIGHT_ATOL, f"loaded {name}")
 
     # (b) the adapter output in PEFT gives the merged model's logits
+    expected = logits(merged, arch.task)
+    assert not torch.allclose(expected, logits(base.model, arch.task)), "the composition changes no logit"
+    if cell.adapter.peft_type == "FULL":  # a dense delta: no adapter output
+        return
     loaded = PeftModel.from_pretrained(spare, workdir / "out" / "mix").eval()
     if tied:  # PEFT's unmerged forward applies a tied delta to the input side only (I313)
         loaded = loaded.merge_and_unload()
-    expected = logits(merged, arch.task)
     assert_close(logits(loaded, arch.task), expected, LOGIT_ATOL, "logits")
-    assert not torch.allclose(expected, logits(base.model, arch.task)), "the composition changes no logit"
 
 
 # ----------------------------------------------------------------------- the README's table
