@@ -351,3 +351,26 @@ def test_readme_table_is_the_one_the_cases_give():
     """The README's table cannot drift from the cases: regenerate it with `python scripts/coverage_table.py`."""
     script = _table_script()
     assert script.readme_table((ROOT / "README.md").read_text()) == script.render(script.declared_results())
+
+
+def test_the_table_shows_what_the_run_did(tmp_path: Path):
+    """A cell is ✓ only if its test passed in the run the table is made from; anything else shows."""
+    script = _table_script()
+    supported = next(c for c in cases.cells() if isinstance(c.outcome, cases.Supported))
+    refused = next(c for c in cases.cells() if isinstance(c.outcome, cases.Refused))
+    wrong = next(c for c in cases.cells() if isinstance(c.outcome, cases.KnownWrong))
+    skipped = next(c for c in cases.cells() if isinstance(c.outcome, cases.NotApplicable))
+    report = tmp_path / "report.xml"
+    report.write_text(f"""<testsuites><testsuite>
+<testcase name="test_cell[{supported.id}]"><failure message="boom"/></testcase>
+<testcase name="test_cell[{refused.id}]"/>
+<testcase name="test_cell[{wrong.id}]"><skipped type="pytest.xfail" message="x"/></testcase>
+<testcase name="test_cell[{skipped.id}]"><skipped type="pytest.skip" message="n/a"/></testcase>
+</testsuite></testsuites>""")
+    results = script.junit_results(report)
+    assert results == {supported.id: "failed", refused.id: "passed", wrong.id: "xfailed", skipped.id: "skipped"}
+    by_id = {c.id: c for c in cases.cells()}
+    texts = {cell_id: script._cell_text(by_id[cell_id], results, {wrong.outcome.reason: 1}) for cell_id in results}
+    assert texts == {supported.id: "**failed**", refused.id: f"`{refused.outcome.code}`", wrong.id: "known wrong [1]",
+                     skipped.id: "n/a"}
+    assert "**not run**" in script.render(results)  # every other cell
