@@ -580,7 +580,8 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
                   "adapters carry it; random weights would give a different number on every run")
         raise _fail(sink) from None
     except EvalDataError as err:
-        failing = next((t for t in evals if t.data.name in str(err)), evals[0])  # its message names the file
+        failing = next((t for t in evals if (t.data is not None and t.data.name in str(err))
+                        or f"eval `{t.name}`" in str(err)), evals[0])  # its message names the file or eval
         sink.emit("E501", f"evaluation data: {err}", failing.span)
         raise _fail(sink) from None
     except OSError as err:

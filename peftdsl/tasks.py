@@ -15,8 +15,8 @@ CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS = (
 
 # task -> (transformers Auto class, the metrics evaluation computes for it)
 TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    CAUSAL_LM: ("AutoModelForCausalLM", ("perplexity", "accuracy", "generate")),
-    SEQ_2_SEQ_LM: ("AutoModelForSeq2SeqLM", ("perplexity", "accuracy", "generate")),
+    CAUSAL_LM: ("AutoModelForCausalLM", ("perplexity", "accuracy", "generate", "lm_eval")),
+    SEQ_2_SEQ_LM: ("AutoModelForSeq2SeqLM", ("perplexity", "accuracy", "generate", "lm_eval")),
     SEQ_CLS: ("AutoModelForSequenceClassification", ("accuracy",)),
     TOKEN_CLS: ("AutoModelForTokenClassification", ("accuracy",)),
     QUESTION_ANS: ("AutoModelForQuestionAnswering", ("accuracy", "f1")),
