@@ -310,3 +310,22 @@ def test_lint_of_an_lm_eval_recipe_imports_neither_torch_nor_the_harness(lab: Pa
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout.strip().splitlines()[-1].endswith(" []"), result.stdout + result.stderr
+
+
+def test_the_value_is_the_measure_or_the_tasks_first_metric():
+    """How a task's results become the value (no harness needed: the results' shape is its)."""
+    from peftdsl.errors import EvalDataError
+    from peftdsl.evaluation.lm_eval import _measured
+
+    results = {"results": {"t": {"alias": "t", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match":
+                                 "N/A", "exact_match,flexible": 0.5, "f1,none": 0.75}},
+               "configs": {"t": {"metric_list": [{"metric": "exact_match"}, {"metric": "f1"}]}},
+               "higher_is_better": {"t": {"exact_match": True, "f1": True}}}
+    assert _measured(results, "t", None, "e") == ("exact_match,strict-match", 0.25)  # first metric, first filter
+    assert _measured(results, "t", "exact_match,flexible", "e") == ("exact_match,flexible", 0.5)
+    assert _measured(results, "t", "f1", "e") == ("f1,none", 0.75)
+    del results["configs"]["t"]["metric_list"]  # a task that lists none: the metrics its type gave it
+    results["higher_is_better"]["t"] = {"f1": True, "exact_match": True}
+    assert _measured(results, "t", None, "e") == ("f1,none", 0.75)
+    with pytest.raises(EvalDataError, match=r"task `t` has no metric `bleu` \(its metrics: `exact_match,strict-"):
+        _measured(results, "t", "bleu", "e")
