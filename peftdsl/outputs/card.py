@@ -144,7 +144,7 @@ def _combinations(form: ir.Combination) -> Iterator[ir.Combination]:
 
 
 def card_metadata(analysis: Analysis, out: ir.Output) -> dict[str, Any]:
-    """The front matter of output ``out``'s card, in the order the Hub's own cards use."""
+    """The front matter of output ``out``'s card, its keys in a fixed order."""
     recipe = analysis.recipe
     form = analysis.canonical[out.name]
     leaves = [analysis.adapters[name] for name in ir.adapter_leaves(form) if name in analysis.adapters]
@@ -177,7 +177,8 @@ def output_card(analysis: Analysis, out: ir.Output, provenance: Mapping[str, Any
     """
     metadata = card_metadata(analysis, out)
     rows = card_results(results, out.name, provenance.get("params") or {})
-    base = analysis.recipe.base or next((a.base_model for a in analysis.adapters.values() if a.base_model), None)
+    leaves = [analysis.adapters[n] for n in ir.adapter_leaves(analysis.canonical[out.name]) if n in analysis.adapters]
+    base = analysis.recipe.base or next((info.base_model for info in leaves if info.base_model), None)
     return card_text(metadata, provenance, rows, base=base).encode("utf-8")
 
 
