@@ -108,7 +108,8 @@ def _expand_short_forms(loaded: LoadedYaml) -> None:
 # Fields that are always text: an unquoted pin of 64 digits, or a path named `2024`,
 # is read as YAML writes it, not as the number YAML would make of it.
 _STRING_FIELDS = (("base",), ("name",), ("adapters", None, "path"), ("adapters", None, "sha256"),
-                  ("outputs", None, "path"), ("eval", None, "data"), ("eval", None, "name"))
+                  ("outputs", None, "path"), ("eval", None, "data"), ("eval", None, "name"),
+                  ("eval", None, "include_path"), ("eval", None, "measure"))
 
 
 def _keep_text_of_string_fields(loaded: LoadedYaml) -> None:
@@ -303,9 +304,12 @@ class _Builder:
         options = tuple(
             (k, v) for k, v in spec.model_dump().items() if k not in skip and v != defaults[k].default
         )
+        if spec.include_path is not None:  # a folder, relative to the recipe's like every path
+            resolved = str(self._resolve(spec.include_path) or spec.include_path)
+            options = tuple((k, resolved if k == "include_path" else v) for k, v in options)
+        data = None if spec.data is None else self._resolve(spec.data) or Path(spec.data)
         return ir.EvalTarget(
-            name=spec.name, models=tuple(spec.models), metric=spec.metric,
-            data=self._resolve(spec.data) or Path(spec.data), options=options,
+            name=spec.name, models=tuple(spec.models), metric=spec.metric, data=data, options=options,
             span=self.span("eval", index),
             model_spans=tuple(self.span("eval", index, "models", i) for i in range(len(spec.models))),
         )

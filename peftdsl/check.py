@@ -103,7 +103,9 @@ def check_output_paths(recipe: ir.Recipe, sink: Sink) -> None:
     """No output may replace, hold or sit inside what the recipe reads, or another output."""
     inputs = [(f"adapter `{a.name}`", a.path) for a in recipe.adapters if a.path is not None]
     inputs += [("the base model", recipe.base_path)] if recipe.base_path is not None else []
-    inputs += [(f"the data of eval `{e.name}`", e.data) for e in recipe.evals]
+    inputs += [(f"the data of eval `{e.name}`", e.data) for e in recipe.evals if e.data is not None]
+    inputs += [(f"the tasks of eval `{e.name}`", Path(folder)) for e in recipe.evals
+               if (folder := dict(e.options).get("include_path")) is not None]
     folder = recipe.path.resolve().parent
     written: dict[Path, str] = {}
     for out in recipe.outputs:
@@ -743,7 +745,8 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
                 sink.emit("E501", f"eval `{target.name}` maps labels to class indices, but a {task} model scores "
                           "each label's verbalizer, a text", target.span,
                           help="map each label to its text: `labels: {neg: \" negative\", pos: \" positive\"}`")
-        elif task == tasks.SEQ_2_SEQ_LM and target.metric == "perplexity" and target.data.suffix == ".txt":
+        elif task == tasks.SEQ_2_SEQ_LM and target.metric == "perplexity" and target.data is not None \
+                and target.data.suffix == ".txt":
             sink.emit("E501", f"seq2seq perplexity scores a target given an input: eval `{target.name}` needs "
                       ".jsonl rows, not .txt", target.span, help="rows like {\"input\": …, \"target\": …}")
     dtypes = {dict(t.options).get("dtype") for t in recipe.evals} - {None}
@@ -751,15 +754,72 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
         sink.emit("E501", f"eval entries ask for different dtypes ({', '.join(sorted(dtypes))}), but the base "
                   "model is loaded once per run", recipe.evals[0].span, help="give them all the same `dtype`")
     for target in recipe.evals:
-        if use_files and target.data.suffix in (".txt", ".jsonl") and not target.data.is_file():
+        has_data = target.metric != "lm_eval" and check_data_eval(target, sink)
+        if has_data and use_files and target.data.suffix in (".txt", ".jsonl") and not target.data.is_file():
             sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`, which does not exist",
                       target.span, help="data paths are relative to the recipe's folder")
         if recipe.base is None:
             sink.emit("E501", f"eval `{target.name}` needs a `base` model to run on", target.span,
                       help="add `base: path/to/model`")
+        if target.metric == "lm_eval":
+            check_lm_eval(target, sink, use_files)
+        if not has_data:
+            continue
         suffix = target.data.suffix
         if suffix not in (".txt", ".jsonl"):
             sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`; data is .txt or .jsonl",
                       target.span)
         elif target.metric in tasks.ROW_METRICS and suffix == ".txt":
             sink.emit("E501", f"metric `{target.metric}` reads rows from .jsonl, not .txt", target.span)
+
+
+def check_data_eval(target: ir.EvalTarget, sink: Sink) -> bool:
+    """An eval entry of a metric that reads `data` has it, and sets no `lm_eval` option; False
+    when it has no data to check further."""
+    from peftdsl.evaluation.lm_eval import OPTIONS
+
+    options = dict(target.options)
+    for option in (o for o in OPTIONS if o in options):
+        sink.emit("E501", f"eval `{target.name}` sets `{option}`, which only metric `lm_eval` reads", target.span,
+                  help=f"remove `{option}`, or use `metric: lm_eval`")
+    if target.data is None:
+        sink.emit("E501", f"eval `{target.name}` has no `data` for `{target.metric}`", target.span,
+                  help="add `data:`, a .txt or .jsonl file relative to the recipe's folder")
+        return False
+    return True
+
+
+def check_lm_eval(target: ir.EvalTarget, sink: Sink, use_files: bool) -> None:
+    """`lm_eval` entries: tasks named, no `data`, the extra installed, the include_path a folder
+    and `measure` a metric of each task whose YAML there lists its metrics. Task YAMLs are read
+    as plain YAML: lint imports neither the harness nor torch."""
+    from peftdsl.evaluation import lm_eval
+
+    options = dict(target.options)
+    names, measure, include = options.get("tasks") or [], options.get("measure"), options.get("include_path")
+    if not names:
+        sink.emit("E501", f"eval `{target.name}` uses `lm_eval` but names no `tasks`", target.span,
+                  help="list lm-evaluation-harness tasks, e.g. `tasks: [hellaswag]`, or your own under `include_path`")
+    if target.data is not None:
+        sink.emit("E501", f"eval `{target.name}`: `lm_eval` reads each task's own data, not `data`", target.span,
+                  help="remove `data`; a task YAML under `include_path` names its files (`dataset_kwargs: {data_files: …}`)")
+    if not use_files:
+        return
+    if not lm_eval.installed():
+        sink.emit("E501", f"eval `{target.name}` uses `lm_eval`, but lm-evaluation-harness is not installed",
+                  target.span, help=f"install the extra: {lm_eval.INSTALL_HINT}")
+    if include is None:
+        return
+    folder = Path(include)
+    if not folder.is_dir():
+        sink.emit("E501", f"eval `{target.name}`: include_path `{folder.name}` is not a folder", target.span,
+                  help="include_path is a folder of task YAMLs, relative to the recipe's folder")
+        return
+    if measure is None:
+        return
+    known = lm_eval.task_metrics(folder) or {}
+    for name in names:
+        metrics = known.get(name)
+        if metrics is not None and lm_eval.measure_name(measure) not in metrics:
+            sink.emit("E501", f"eval `{target.name}` measures `{measure}`, which task `{name}` does not compute",
+                      target.span, help=f"metrics of `{name}`: {', '.join(f'`{m}`' for m in metrics)}")

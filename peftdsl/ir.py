@@ -160,7 +160,7 @@ class EvalTarget(Node):
     name: str
     models: tuple[str, ...]
     metric: str
-    data: Path
+    data: Path | None  # None for lm_eval, whose tasks name their own data
     options: tuple[tuple[str, object], ...] = ()
     model_spans: tuple[Span, ...] = field(default=(), compare=False, repr=False)
 

@@ -163,15 +163,18 @@ class Session:
 
     # ------------------------------------------------------------ writing
 
-    def write_output(self, out: ir.Output, *, force: bool = False) -> None:
-        """Write `out` (an adapter directory or a merged model) atomically."""
+    def write_output(self, out: ir.Output, *, force: bool = False, results: Sequence = ()) -> None:
+        """Write `out` (an adapter directory or a merged model) atomically, with its model card;
+        `results` are the run's evaluation rows, whose values for `out` the card shows."""
         from peftdsl.outputs import merge, write
         from peftdsl.outputs.atomic import OutputExists
+        from peftdsl.outputs.card import output_card
 
         analysis = self.analysis
         form = analysis.canonical[out.name]
         dtype = self._output_dtype(out)
         provenance = self._provenance(out, dtype)
+        card = output_card(analysis, out, provenance, results)
         template = analysis.adapters[adapter_leaves(form)[0]].config
         try:
             if out.merge:
@@ -182,18 +185,20 @@ class Session:
                                                   allow_pickle=self.allow_pickle)
                 merge.write_merged(out.path, base_dir=analysis.base.path, transform=transform, dtype=out.dtype,
                                    force=force, allow_pickle=self.allow_pickle, provenance=provenance,
-                                   task=analysis.task)
+                                   task=analysis.task, card=card)
             elif form.kind is Kind.IA3:
                 config, tensors = write.ia3_adapter_files(self.deltas(out.name), template=template, dtype=dtype)
-                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
+                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force,
+                                    card=card)
             elif selects_ranks(form):  # ranks known only once computed: no header before the data
                 deltas = self.deltas(out.name)
                 provenance["ranks"] = chosen_ranks(deltas)
                 config, tensors = write.lora_adapter_files(deltas, template=template, dtype=dtype)
-                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force)
+                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force,
+                                    card=card)
                 self.rank_summaries[out.name] = rank_summary(provenance["ranks"])
             else:
-                self._stream_lora_output(out, template, dtype, provenance, force)
+                self._stream_lora_output(out, template, dtype, provenance, force, card)
         except OutputExists:
             self.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                            help="pass --force to replace it")
@@ -213,7 +218,7 @@ class Session:
         raise _fail(self.sink) from None
 
     def _stream_lora_output(self, out: ir.Output, template: dict, dtype: str, provenance: dict,
-                            force: bool) -> None:
+                            force: bool, card: bytes | None = None) -> None:
         """A LoRA adapter written a chunk at a time: the plan gives every shape, so the file's
         header goes first and no more than one chunk of the output is ever in memory."""
         import torch
@@ -265,7 +270,7 @@ class Session:
         config = {**write.lora_adapter_config(ranks, layouts, template, parameters=fusion.ranks()), **fields}
         write.check_loadable(config)
         write.write_adapter_streaming(out.path, config=config, specs=specs, chunks=chunks(),
-                                      provenance=provenance, force=force)
+                                      provenance=provenance, force=force, card=card)
 
     def _output_dtype(self, out: ir.Output) -> str:
         """The dtype written: the recipe's, else the base's for a merged model (its shards keep
@@ -473,7 +478,7 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
         if selected:
             session.analysis = analysis = analysis.at(selected)
     for out in _selected_outputs(analysis, options.only):
-        session.write_output(out, force=options.force)
+        session.write_output(out, force=options.force, results=results)
         console.print(f"wrote {out.name} -> {out.path}")
         if out.name in session.rank_summaries:
             console.print(f"  {out.name}: {session.rank_summaries[out.name]}")
@@ -575,7 +580,8 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
                   "adapters carry it; random weights would give a different number on every run")
         raise _fail(sink) from None
     except EvalDataError as err:
-        failing = next((t for t in evals if t.data.name in str(err)), evals[0])  # its message names the file
+        failing = next((t for t in evals if (t.data is not None and t.data.name in str(err))
+                        or f"eval `{t.name}`" in str(err)), evals[0])  # its message names the file or eval
         sink.emit("E501", f"evaluation data: {err}", failing.span)
         raise _fail(sink) from None
     except OSError as err:

@@ -69,10 +69,18 @@ class EvalOptions(_Strict):
     do_sample: bool = False
     temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="sampling temperature (with do_sample)")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="nucleus sampling mass (with do_sample)")
+    tasks: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = Field(
+        None, description="lm_eval: lm-evaluation-harness task (or group) names")
+    include_path: str | None = Field(
+        None, description="lm_eval: a folder of task YAMLs, relative to the recipe's folder")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="lm_eval: few-shot examples per prompt (default: each task's own)")
+    measure: str | None = Field(
+        None, description="lm_eval: the task's metric that is the value (default: its first), e.g. `acc`")
 
 
-METRICS = ("perplexity", "accuracy", "f1", "generate")
-Metric = Literal["perplexity", "accuracy", "f1", "generate"]
+METRICS = ("perplexity", "accuracy", "f1", "generate", "lm_eval")
+Metric = Literal["perplexity", "accuracy", "f1", "generate", "lm_eval"]
 
 
 class EvalSpec(EvalOptions):
@@ -82,7 +90,7 @@ class EvalSpec(EvalOptions):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
     models: list[str] = Field(min_length=1, description="adapters, compositions, or `base`")
     metric: Metric
-    data: str = Field(description=".txt (a sequence per line) or .jsonl")
+    data: str | None = Field(None, description=".txt (a sequence per line) or .jsonl; not for lm_eval")
     dtype: Dtype | None = Field(None, description="dtype the base model is loaded in for evaluation")
 
 

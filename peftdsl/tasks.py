@@ -15,8 +15,8 @@ CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS = (
 
 # task -> (transformers Auto class, the metrics evaluation computes for it)
 TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    CAUSAL_LM: ("AutoModelForCausalLM", ("perplexity", "accuracy", "generate")),
-    SEQ_2_SEQ_LM: ("AutoModelForSeq2SeqLM", ("perplexity", "accuracy", "generate")),
+    CAUSAL_LM: ("AutoModelForCausalLM", ("perplexity", "accuracy", "generate", "lm_eval")),
+    SEQ_2_SEQ_LM: ("AutoModelForSeq2SeqLM", ("perplexity", "accuracy", "generate", "lm_eval")),
     SEQ_CLS: ("AutoModelForSequenceClassification", ("accuracy",)),
     TOKEN_CLS: ("AutoModelForTokenClassification", ("accuracy",)),
     QUESTION_ANS: ("AutoModelForQuestionAnswering", ("accuracy", "f1")),
@@ -40,6 +40,12 @@ _ARCHITECTURE_SUFFIXES = (
 def model_task(task_types: Iterable[str | None], base_config: Mapping | None) -> str:
     """The task of the models a recipe evaluates: the adapters' `task_type` when they give
     one PEFT knows, else what the base's config says, else a causal LM."""
+    return declared_task(task_types, base_config) or CAUSAL_LM
+
+
+def declared_task(task_types: Iterable[str | None], base_config: Mapping | None) -> str | None:
+    """The task the adapters' `task_type` or the base's config says; None when neither says one
+    (a model card then claims no pipeline)."""
     declared = sorted({t for t in task_types if t in TASKS})
     if declared:
         return declared[0]
@@ -48,7 +54,7 @@ def model_task(task_types: Iterable[str | None], base_config: Mapping | None) ->
         for suffix, task in _ARCHITECTURE_SUFFIXES:
             if str(architecture).endswith(suffix):
                 return task
-    return SEQ_2_SEQ_LM if config.get("is_encoder_decoder") else CAUSAL_LM
+    return SEQ_2_SEQ_LM if config.get("is_encoder_decoder") else None
 
 
 def auto_class(task: str) -> str:

@@ -70,7 +70,7 @@ class EvalSpec(EvalOptions):
 
     name: str
     metric: Metric
-    data: Path
+    data: Path | None = None  # None for lm_eval: its tasks read their own data
     models: tuple[str, ...] = ("base",)
     seed: int = 0  # the recipe's: seeds sampling
     task: str = tasks.CAUSAL_LM  # the model's kind (peftdsl.tasks): which metric implementation runs
@@ -88,7 +88,12 @@ class EvalOutcome:
 
 
 def load_data(spec: EvalSpec) -> list[Any]:
-    """The rows an evaluation needs: texts for perplexity/generate, dicts for accuracy."""
+    """The rows an evaluation needs: texts for perplexity/generate, dicts for accuracy; none for
+    lm_eval, whose tasks read their own data when they run."""
+    if spec.metric == "lm_eval":
+        return []
+    if spec.data is None:
+        raise EvalDataError(f"eval `{spec.name}` has no `data` to read")
     path = Path(spec.data)
     if spec.metric in tasks.ROW_METRICS:
         if path.suffix != ".jsonl":
@@ -460,6 +465,10 @@ def run_eval(
     if spec.metric not in tasks.metrics(spec.task):  # lint says so first (E501)
         raise EvalDataError(f"a {spec.task} model has no `{spec.metric}` evaluation")
     data = load_data(spec) if data is None else data
+    if spec.metric == "lm_eval":
+        from peftdsl.evaluation import lm_eval
+
+        return lm_eval.evaluate(model, tokenizer, spec, quiet=quiet)
     if spec.task != tasks.CAUSAL_LM:
         from peftdsl.evaluation.task_metrics import IMPLEMENTATIONS
 

@@ -22,7 +22,7 @@ import torch
 from peftdsl import inputs
 from peftdsl.errors import InputDataError
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
-from peftdsl.outputs.write import PROVENANCE, SAFETENSORS_METADATA
+from peftdsl.outputs.write import SAFETENSORS_METADATA, write_provenance
 from peftdsl.runtime import experts
 from peftdsl.runtime.fold import (
     Delta,
@@ -311,6 +311,7 @@ def write_merged(
     expect: Collection[str] | None = None,
     provenance: Mapping[str, Any] | None = None,
     task: str | None = None,
+    card: bytes | None = None,
 ) -> Path:
     """Write the base model with ``transform`` applied to its weights, streaming shard by shard.
 
@@ -319,7 +320,8 @@ def write_merged(
     ``expect`` (default: ``transform.weight_names`` when it has one) names the
     tensors the transform changes; a name that is neither stored nor tied to a
     stored tensor is an error, so no delta is ever dropped silently.
-    ``provenance`` is written as ``peftdsl.json`` inside the same atomic rename.
+    ``provenance`` is written as ``peftdsl.json`` inside the same atomic rename, and ``card``
+    (:mod:`peftdsl.outputs.card`) as ``README.md``.
     Parts the base does not store (a head created at fine-tuning) are added as a last shard,
     and the config becomes ``task``'s model class (peftdsl.tasks). Peak memory is about one
     output shard.
@@ -350,7 +352,7 @@ def write_merged(
         _write_config(base_dir, tmp, out_dtype, changes)
         _copy_side_files(base_dir, tmp)
         if provenance is not None:
-            (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
+            write_provenance(tmp, provenance, card)
     return Path(target)
 
 

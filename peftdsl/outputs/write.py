@@ -21,6 +21,7 @@ import torch
 
 from peftdsl.errors import OutputError
 from peftdsl.outputs.atomic import atomic_output, json_bytes, save_file
+from peftdsl.outputs.card import CARD
 from peftdsl.runtime.experts import AdapterFusion
 from peftdsl.runtime.fold import PartDelta
 from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype, stored
@@ -282,14 +283,18 @@ def write_adapter(
     tensors: Mapping[str, torch.Tensor],
     provenance: Mapping[str, Any],
     force: bool,
+    card: bytes | None = None,
 ) -> Path:
-    """Write an adapter directory atomically; the same arguments give the same bytes."""
+    """Write an adapter directory atomically; the same arguments give the same bytes.
+
+    ``card`` is the model card (:mod:`peftdsl.outputs.card`), written as README.md.
+    """
     target = Path(target)
     with atomic_output(target, force=force) as tmp:
         (tmp / ADAPTER_CONFIG).write_bytes(json_bytes(dict(config)))
         ordered = {key: tensors[key].contiguous() for key in sorted(tensors)}
         save_file(ordered, str(tmp / ADAPTER_WEIGHTS), metadata=dict(SAFETENSORS_METADATA))
-        (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
+        write_provenance(tmp, provenance, card)
     return target
 
 
@@ -301,6 +306,7 @@ def write_adapter_streaming(
     chunks: Iterable[Mapping[str, torch.Tensor]],
     provenance: Mapping[str, Any],
     force: bool,
+    card: bytes | None = None,
 ) -> Path:
     """Write an adapter directory atomically from tensors that arrive chunk by chunk.
 
@@ -318,5 +324,13 @@ def write_adapter_streaming(
             writer.abort()
             raise
         writer.close()
-        (tmp / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
+        write_provenance(tmp, provenance, card)
     return target
+
+
+def write_provenance(folder: Path, provenance: Mapping[str, Any], card: bytes | None) -> None:
+    """``peftdsl.json`` and, when given, the model card ``README.md``, into an output's
+    temporary folder (so both arrive with the same rename as the weights)."""
+    (folder / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
+    if card is not None:
+        (folder / CARD).write_bytes(card)
