@@ -174,3 +174,53 @@ def _check_fits(where: str, layout: str, frame: tuple, out_in: tuple, weight: to
     if tuple(frame) != out_in:
         raise ValueError(f"{where}a {layout} delta of shape {tuple(frame)} does not fit its weight of shape "
                          f"{tuple(weight.shape)}")
+
+
+# --------------------------------------------------------------------------- row blocks
+#
+# A large stored tensor is merged a block of rows at a time (peftdsl.outputs.pipeline), so
+# that no whole float32 copy of it is ever held. These give the share of a delta that lands
+# on rows ``start:stop`` of the stored weight; folding a block with it gives the same values
+# as folding the whole weight and slicing: elementwise for dense, (IA)³ and parts, and for
+# LoRA an ``addmm`` over the block's rows, which is bit-identical to the whole product for
+# blocks of at least 256 rows (tests/test_pipeline.py checks it on this BLAS).
+
+
+def delta_rows(delta: Delta, start: int, stop: int) -> Delta:
+    """The part of ``delta`` acting on rows ``start:stop`` of the stored weight.
+
+    ``fold_weight(W[start:stop], delta_rows(d, start, stop))`` is
+    ``fold_weight(W, d)[start:stop]``. A linear weight's rows are output features (rows of
+    B, of ΔW, of an output scaling); a conv1d or embedding weight is stored transposed, so
+    its rows are input features (columns of A, of ΔW, of a feed-forward scaling).
+    """
+    rows = slice(start, stop)
+    linear = delta.layout == "linear"
+    if isinstance(delta, LoraDelta):
+        if linear:
+            return LoraDelta(A=delta.A, B=delta.B[rows], layout=delta.layout)
+        return LoraDelta(A=delta.A[:, rows], B=delta.B, layout=delta.layout)
+    if isinstance(delta, DenseDelta):
+        return DenseDelta(delta=delta.delta[rows] if linear else delta.delta[:, rows], layout=delta.layout)
+    if isinstance(delta, IA3Delta):
+        along_rows = delta.feedforward != linear  # linear: output scaling; transposed: feed-forward
+        l = (delta.l[rows] if linear else delta.l[:, rows]) if along_rows else delta.l  # noqa: E741
+        return IA3Delta(l=l, feedforward=delta.feedforward, layout=delta.layout)
+    raise TypeError(f"not a LoRA, dense or (IA)³ delta: {type(delta).__name__}")
+
+
+def part_rows(part: PartDelta, start: int, stop: int) -> PartDelta | None:
+    """The part of ``part`` acting on rows ``start:stop`` of its tensor; None when it sets none of them.
+
+    ``fold_part(T[start:stop], part_rows(p, start, stop))`` is ``fold_part(T, p)[start:stop]``.
+    """
+    if not part.rows:
+        return PartDelta(value=part.value[start:stop], add=part.add, role=part.role, saved_module=part.saved_module)
+    inside = [(i, row - start) for i, row in enumerate(part.rows) if start <= row < stop]
+    if not inside:
+        return None
+    import torch
+
+    index = torch.tensor([i for i, _ in inside])
+    return PartDelta(value=part.value.index_select(0, index), rows=tuple(r for _, r in inside), add=part.add,
+                     role=part.role, saved_module=part.saved_module)
