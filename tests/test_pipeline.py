@@ -91,7 +91,8 @@ def test_addmm_on_row_blocks_gives_the_bits_of_the_whole_product(monkeypatch, th
         stored_t = LoraDelta(A=randn(rank, rows, seed=3), B=randn(cols, rank, seed=4), layout="embedding")
         for delta in (linear, stored_t):
             whole = fold_weight(W, delta)
-            split = by_blocks(W, lambda block, start, stop, d=delta: fold_weight(block, delta_rows(d, start, stop)))
+            split = by_blocks(W, lambda block, start, stop, d=delta: fold_weight(
+                block.clone(), delta_rows(d, start, stop), inplace=True))  # as the pipeline folds
             assert torch.equal(split.view(torch.int32), whole.view(torch.int32)), delta.layout
     finally:
         torch.set_num_threads(before)
@@ -112,13 +113,18 @@ def deltas_of_every_kind(rows: int, cols: int) -> dict[str, object]:
     }
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("kind", list(deltas_of_every_kind(1, 1)))
-def test_delta_rows_folds_to_the_rows_of_the_whole_fold(monkeypatch, kind):
+def test_delta_rows_folds_to_the_rows_of_the_whole_fold(monkeypatch, kind, inplace):
     smallest_blocks(monkeypatch)
     W = randn(600, 40, seed=0)
     delta = deltas_of_every_kind(600, 40)[kind]
-    split = by_blocks(W, lambda block, start, stop: fold_weight(block, delta_rows(delta, start, stop)))
+    split = by_blocks(W, lambda block, start, stop: fold_weight(
+        block.clone(), delta_rows(delta, start, stop), inplace=inplace))
     assert torch.equal(split, fold_weight(W, delta))
+    if inplace:
+        with pytest.raises(TypeError, match="in-place"):
+            fold_weight(W.to(torch.bfloat16), delta, inplace=True)
 
 
 @pytest.mark.parametrize("part", [
@@ -266,6 +272,28 @@ def test_overflow_of_a_split_tensor_is_the_error_of_the_whole_one(tmp_path, monk
     assert merged(tmp_path / "inf-split", base, dtype="float16") == reference
 
 
+@pytest.mark.parametrize("bad", ["lora", "part"])
+def test_a_misfit_on_a_split_tensor_is_the_error_of_the_whole_one(tmp_path, monkeypatch, bad):
+    base = write_base(tmp_path / "base")
+    if bad == "lora":
+        transform = merge.merge_transform({"model.embed_tokens": LoraDelta(A=randn(4, 1000, seed=1),
+                                                                           B=randn(64, 4, seed=2), layout="embedding")})
+        error = ValueError
+    else:
+        transform = merge.merge_transform({}, parts={EMBED: PartDelta(value=randn(2, 63, seed=3), rows=(1, 2))})
+        error = InputDataError
+    messages = []
+    for split in (False, True):
+        with monkeypatch.context() as patch:
+            if split:
+                smallest_blocks(patch)
+            with pytest.raises(error) as caught:
+                merged(tmp_path / f"merged-{split}", base, transform)
+            messages.append(str(caught.value))
+            assert_nothing_left(tmp_path / f"merged-{split}")
+    assert messages[0] == messages[1] and "(1100, 64)" in messages[0]
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -311,21 +339,24 @@ def test_a_full_disk_in_the_writer_aborts_the_output(tmp_path, monkeypatch, afte
     assert_nothing_left(tmp_path / "merged")
 
 
-@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
-def test_a_failure_while_merging_a_block_aborts_the_output(tmp_path, monkeypatch, error):
-    """Raised in the calling thread in the middle of a split tensor, while the reader reads ahead
-    and the writer writes behind: both stop, and the error comes out as it was raised."""
+@pytest.mark.parametrize(("where", "error"), [("worker", ValueError), ("worker", KeyboardInterrupt),
+                                              ("calling thread", ValueError), ("calling thread", KeyboardInterrupt)])
+def test_a_failure_while_merging_aborts_the_output(tmp_path, monkeypatch, where, error):
+    """Raised in the middle of a split tensor — on a worker merging a block, or in the calling
+    thread handing blocks on (where SIGINT lands) — while the reader reads ahead and the writer
+    writes behind: every thread stops, and the error comes out as it was raised."""
     base = write_base(tmp_path / "base")
     smallest_blocks(monkeypatch)
-    real_rows, seen = pipeline._TensorMerge._rows, []
+    owner, method = (pipeline._TensorMerge, "rows") if where == "worker" else (pipeline._Pipeline, "merge")
+    real, seen = getattr(owner, method), []
 
-    def failing(self, block):
-        seen.append(block.entry.name)
+    def failing(self, *args):
+        seen.append(args)
         if len(seen) == 3:
             raise error("stop here")
-        return real_rows(self, block)
+        return real(self, *args)
 
-    monkeypatch.setattr(pipeline._TensorMerge, "_rows", failing)
+    monkeypatch.setattr(owner, method, failing)
     with pytest.raises(error, match="stop here"):
         merged(tmp_path / "merged", base)
     assert_nothing_left(tmp_path / "merged")
@@ -337,11 +368,11 @@ import peftdsl.outputs.pipeline as pipeline
 from peftdsl.cli import main
 
 pipeline.BLOCK_ELEMENTS = 1
-add = pipeline._TensorMerge.add
-def slow(self, block):  # a merge that lasts long enough to be interrupted in the middle
+merge = pipeline._Pipeline.merge
+def slow(self, *args):  # a merge that lasts long enough to be interrupted in the middle
     time.sleep(0.05)
-    return add(self, block)
-pipeline._TensorMerge.add = slow
+    return merge(self, *args)
+pipeline._Pipeline.merge = slow
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -29,6 +29,7 @@ from peftdsl.runtime.fold import (
     DenseDelta,
     PartDelta,
     changes_bias,
+    check_fold,
     delta_rows,
     fold_bias,
     fold_part,
@@ -113,10 +114,8 @@ class WeightFold:
 
     def rows(self, shape: tuple[int, ...]) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
         delta, name = self.deltas[self.module], self.module
-        # Checked against the whole weight (on the meta device: no memory), so a delta that
-        # does not fit gets the same error as in an unsplit merge.
-        fold_weight(torch.empty(shape, dtype=torch.float32, device="meta"), delta, name=name)
-        return lambda block, start, stop: fold_weight(block, delta_rows(delta, start, stop), name=name)
+        check_fold(shape, delta, name=name)  # against the whole weight: the errors of an unsplit merge
+        return lambda block, start, stop: fold_weight(block, delta_rows(delta, start, stop), name=name, inplace=True)
 
 
 def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False,

@@ -57,7 +57,7 @@ import torch
 
 from peftdsl.errors import InputDataError
 from peftdsl.outputs.write import SAFETENSORS_METADATA
-from peftdsl.runtime.fold import fold_part, part_rows
+from peftdsl.runtime.fold import check_part, fold_part, part_rows
 from peftdsl.runtime.tensorio import StreamingSafetensors, all_finite, stored
 
 if TYPE_CHECKING:
@@ -69,6 +69,11 @@ ROW_ALIGN = 64
 READ_AHEAD_BYTES = 96 << 20
 WRITE_BEHIND_BYTES = 96 << 20
 WRITEBACK_BYTES = 32 << 20  # start the kernel's writeback after this many bytes written
+# Blocks are merged by this many worker threads, each running torch single-threaded. The
+# work per element is a cast, a thin GEMM (rank ≪ width) and a sum, so parallelism across
+# blocks needs no synchronisation inside an op: torch's own OpenMP threads, when cores are
+# busy with other work, wait on each other at every op (4–20× slower per op, measured).
+MERGE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def row_blocks(shape: Sequence[int]) -> list[tuple[int, int]] | None:
@@ -102,30 +107,43 @@ def write_shards(
     """
     entries = [entry for shard in shards for entry in shard]
     weight_map: dict[str, str] = {}
-    with _Pipeline(entries, open_source) as pipe:
+    with _torch_threads(1), _Pipeline(entries, open_source, MERGE_WORKERS) as pipe:
         blocks = pipe.blocks()
         for number, shard in enumerate(shards, start=1):
             filename = f"model-{number:05d}-of-{count:05d}.safetensors"
             specs = {entry.name: (_output_dtype(entry, dtype), entry.shape) for entry in shard}
             pipe.send(("open", tmp / filename, specs), 0)
+            merges = []
             for entry in shard:
                 merge = _TensorMerge(entry, transform, groups.get(entry.name, (entry.name,)), dtype)
                 while True:
                     block = next(blocks)
                     assert block.entry is entry
-                    out = merge.add(block)
-                    if out is not None:
-                        pipe.send(("write", entry.name, block.start if block.split else None, out), _nbytes(out))
-                    pipe.release(block)
+                    pipe.merge(merge, block)
                     if block.last:
                         break
-                whole = merge.finish()
+                whole = merge.whole()  # whole mode: merged here, in stream order (a transform may be lazy)
                 if whole is not None:
                     pipe.send(("write", entry.name, None, whole), _nbytes(whole))
+                merges.append(merge)
                 weight_map[entry.name] = filename
+            pipe.drain()  # every block of the shard merged and handed to the writer
+            for merge in merges:
+                merge.check()
             pipe.send(("close",), 0)
         pipe.finish()
     return weight_map
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the duration, then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(count, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _output_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
@@ -185,9 +203,10 @@ class _Block:
 class _TensorMerge:
     """One tensor's merge, fed its blocks in order.
 
-    Decided at its first block: ``copy`` (unchanged and not cast: the stored bytes go
-    out), ``cast`` (unchanged, another output dtype), ``rows`` (merged a block at a
-    time) or ``whole`` (the blocks are put together and :func:`merged_tensor` runs once).
+    Decided at its first block, in the calling thread: ``copy`` (unchanged and not cast: the
+    stored bytes go out), ``cast`` (unchanged, another output dtype), ``rows`` (merged a
+    block at a time, on the workers) or ``whole`` (the blocks are put together and
+    :func:`merged_tensor` runs once, in the calling thread).
     """
 
     def __init__(self, entry: TensorEntry, transform: Transform, names: tuple[str, ...], dtype: torch.dtype | None):
@@ -196,37 +215,64 @@ class _TensorMerge:
         self.compute = torch.promote_types(entry.dtype, torch.float32) if entry.dtype.is_floating_point else None
         self.part = getattr(transform, "parts", {}).get(entry.name)
         self.mode: str | None = None
-        self.folds: list[Callable] = []
+        self.folds: list[tuple[str, Callable]] = []
         self.buffer: torch.Tensor | None = None  # whole mode: the tensor put together
-        self.overflow: torch.Tensor | None = None  # the first block whose cast overflowed
+        self.overflow: torch.Tensor | None = None  # a block whose cast overflowed
         self.nonfinite = False  # some merged block holds NaN or Inf before the cast
 
-    def add(self, block: _Block) -> torch.Tensor | None:
-        """The block's output rows (None in whole mode: :meth:`finish` gives the tensor)."""
+    def start(self, split: bool) -> str:
         if self.mode is None:
-            self.mode = self._mode(block.split)
-        if self.mode == "copy":
-            return block.data
-        if self.mode == "cast":
-            return block.data.to(self.compute).to(self.out_dtype).contiguous()
-        if self.mode == "rows":
-            return self._rows(block)
+            self.mode = self._mode(split)
+        return self.mode
+
+    def collect(self, block: _Block) -> None:
+        """Whole mode: keep the block until :meth:`whole`."""
         if not block.split:
             self.buffer = block.data
-        else:
-            if self.buffer is None:
-                self.buffer = torch.empty(self.entry.shape, dtype=self.entry.dtype)
-            self.buffer[block.start:block.stop] = block.data
-        return None
+            return
+        if self.buffer is None:
+            self.buffer = torch.empty(self.entry.shape, dtype=self.entry.dtype)
+        self.buffer[block.start:block.stop] = block.data
 
-    def finish(self) -> torch.Tensor | None:
-        """After the last block: the whole merged tensor in whole mode; raises a deferred overflow."""
-        if self.overflow is not None and not self.nonfinite:
-            stored(self.overflow, self.out_dtype, self.entry.name)  # raises: finite in float32, not when cast
+    def whole(self) -> torch.Tensor | None:
+        """Whole mode, after the last block: the merged tensor."""
         if self.mode != "whole":
             return None
         tensor, self.buffer = self.buffer, None
         return merged_tensor(self.entry, tensor, self.transform, self.names, self.dtype)
+
+    def cast(self, block: _Block) -> torch.Tensor:
+        return block.data.to(self.compute).to(self.out_dtype).contiguous()
+
+    def rows(self, block: _Block) -> torch.Tensor:
+        """Rows mode: one block merged (on a worker; blocks of one tensor may run at once)."""
+        current, touched = block.data.to(self.compute, copy=True), False  # ours: folds may work in place
+        for name, fold in self.folds:
+            changed = fold(current, block.start, block.stop)
+            if changed is not None:
+                if changed.shape != current.shape:
+                    raise ValueError(f"transform changed the shape of rows {block.start}:{block.stop} of `{name}`: "
+                                     f"{tuple(current.shape)} -> {tuple(changed.shape)}")
+                current, touched = changed.to(self.compute), True
+        if self.part is not None:
+            touched = True
+            part = part_rows(self.part, block.start, block.stop)
+            if part is not None:
+                current = fold_part(current, part, name=self.entry.name).to(self.compute)
+        out = current.to(self.out_dtype).contiguous()
+        # tensorio.stored's check, over the whole tensor (see check): an overflow is an error
+        # unless the float32 result itself holds NaN or Inf somewhere.
+        if touched and not all_finite(out):
+            if all_finite(current):
+                self.overflow = current
+            else:
+                self.nonfinite = True
+        return out
+
+    def check(self) -> None:
+        """After every block is merged: raise an overflow, as ``stored`` would on the whole tensor."""
+        if self.overflow is not None and not self.nonfinite:
+            stored(self.overflow, self.out_dtype, self.entry.name)  # raises: finite in float32, not when cast
 
     def _mode(self, split: bool) -> str:
         if self.compute is None:
@@ -243,38 +289,13 @@ class _TensorMerge:
             if fold is None:
                 self.folds = []
                 return "whole"
-            self.folds.append(fold)
+            self.folds.append((name, fold))
         if self.part is not None:  # checked against the whole tensor: the errors of an unsplit merge
             try:
-                fold_part(torch.empty(self.entry.shape, dtype=self.compute, device="meta"), self.part,
-                          name=self.entry.name)
+                check_part(self.entry.shape, self.part, name=self.entry.name)
             except ValueError as err:
                 raise InputDataError(str(err)) from err
         return "rows"
-
-    def _rows(self, block: _Block) -> torch.Tensor:
-        current, touched = block.data.to(self.compute), False
-        for name, fold in zip(self.names, self.folds):
-            changed = fold(current, block.start, block.stop)
-            if changed is not None:
-                if changed.shape != current.shape:
-                    raise ValueError(f"transform changed the shape of rows {block.start}:{block.stop} of `{name}`: "
-                                     f"{tuple(current.shape)} -> {tuple(changed.shape)}")
-                current, touched = changed.to(self.compute), True
-        if self.part is not None:
-            touched = True
-            part = part_rows(self.part, block.start, block.stop)
-            if part is not None:
-                current = fold_part(current, part, name=self.entry.name).to(self.compute)
-        out = current.to(self.out_dtype).contiguous()
-        # tensorio.stored's check, over the whole tensor: an overflow is an error unless the
-        # float32 result itself holds NaN or Inf somewhere (then it is written as it is).
-        if touched and not all_finite(out):
-            if all_finite(current):
-                self.overflow = current if self.overflow is None else self.overflow
-            else:
-                self.nonfinite = True
-        return out
 
 
 # =========================================================================== the threads
@@ -332,29 +353,37 @@ _END = object()
 
 
 class _Pipeline:
-    """The reader and writer threads around the calling thread's merge loop."""
+    """The reader, the workers and the writer around the calling thread's loop over blocks."""
 
-    def __init__(self, entries: Sequence[TensorEntry], open_source: Callable):
+    def __init__(self, entries: Sequence[TensorEntry], open_source: Callable, workers: int):
         self.failure = _Failure()
         self.read_budget = _Budget(READ_AHEAD_BYTES, self.failure)
         self.write_budget = _Budget(WRITE_BEHIND_BYTES, self.failure)
         self.read_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.write_queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.reader = threading.Thread(target=self._guard, args=(self._read, entries, open_source),
-                                       name="peftdsl-read", daemon=True)
-        self.writer = threading.Thread(target=self._guard, args=(self._write,), name="peftdsl-write", daemon=True)
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending, self.idle = 0, threading.Condition()
+        self.threads = [threading.Thread(target=self._guard, args=(self._read, entries, open_source),
+                                         name="peftdsl-read", daemon=True),
+                        threading.Thread(target=self._guard, args=(self._write,), name="peftdsl-write", daemon=True)]
+        self.threads += [threading.Thread(target=self._guard, args=(self._work,), name=f"peftdsl-merge-{i}",
+                                          daemon=True) for i in range(workers)]
+        self.workers = workers
 
     def __enter__(self) -> _Pipeline:
-        self.reader.start()
-        self.writer.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None:  # the calling thread failed (or was interrupted): stop the others
             self.failure.set(error)
         self.write_queue.put(_END)
-        self.reader.join()
-        self.writer.join()
+        for _ in range(self.workers):
+            self.tasks.put(_END)
+        self.idle_wake()
+        for thread in self.threads:
+            thread.join()
 
     # ------------------------------------------------------------ the calling thread
 
@@ -366,6 +395,22 @@ class _Pipeline:
                 return
             yield item
 
+    def merge(self, merge: _TensorMerge, block: _Block) -> None:
+        """Hand one block on: to the writer as it is, to a worker, or to its tensor's buffer."""
+        self._raise()
+        mode = merge.start(block.split)
+        if mode == "copy":
+            self.release(block)
+            self.send(("write", block.entry.name, block.start if block.split else None, block.data),
+                      _nbytes(block.data))
+        elif mode == "whole":
+            merge.collect(block)
+            self.release(block)
+        else:
+            with self.idle:
+                self.pending += 1
+            self.tasks.put((merge, block))
+
     def release(self, block: _Block) -> None:
         self.read_budget.give(_nbytes(block.data))
 
@@ -375,11 +420,22 @@ class _Pipeline:
             self._raise()
         self.write_queue.put((op, nbytes))
 
+    def drain(self) -> None:
+        """Wait until the workers have merged every block handed to them."""
+        with self.idle:
+            while self.pending and not self.failure:
+                self.idle.wait()
+        self._raise()
+
     def finish(self) -> None:
         """Wait for the writer to be done; raise what any stage raised."""
         self.write_queue.put(_END)
-        self.writer.join()
+        self.threads[1].join()
         self._raise()
+
+    def idle_wake(self) -> None:
+        with self.idle:
+            self.idle.notify_all()
 
     def _raise(self) -> None:
         error = self.failure.error
@@ -393,8 +449,9 @@ class _Pipeline:
             work(*args)
         except BaseException as err:  # noqa: BLE001 — handed to the calling thread, which raises it
             self.failure.set(err)
+            self.idle_wake()
         finally:
-            if threading.current_thread() is self.reader:
+            if threading.current_thread() is self.threads[0]:
                 self.read_queue.put(_END)
 
     def _read(self, entries: Sequence[TensorEntry], open_source: Callable) -> None:
@@ -416,6 +473,21 @@ class _Pipeline:
                     data = reader.read(entry.name) if blocks is None else reader.read_rows(entry.name, start, stop)
                     last = blocks is None or i == len(blocks) - 1
                     self.read_queue.put(_Block(entry, start, stop, data, blocks is not None, last))
+
+    def _work(self) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is _END or self.failure:
+                return
+            merge, block = task
+            try:
+                out = merge.rows(block) if merge.mode == "rows" else merge.cast(block)
+                self.release(block)
+                self.send(("write", block.entry.name, block.start if block.split else None, out), _nbytes(out))
+            finally:
+                with self.idle:
+                    self.pending -= 1
+                    self.idle.notify_all()
 
     def _write(self) -> None:
         writer: StreamingSafetensors | None = None
