@@ -234,7 +234,8 @@ def test_split_merge_writes_the_bytes_of_the_whole_merge(tmp_path, monkeypatch, 
     smallest_blocks(monkeypatch)
     monkeypatch.setattr(pipeline._TensorMerge, "_mode", lambda self, split: modes.append(
         (self.entry.name, real_mode(self, split))) or modes[-1][1])
-    monkeypatch.setattr(tensorio.SafetensorsReader, "read_rows", lambda self, *a: reads.append(a) or real_read(self, *a))
+    monkeypatch.setattr(tensorio.SafetensorsReader, "read_rows",
+                        lambda self, *a, **k: reads.append(a) or real_read(self, *a, **k))
     assert merged(tmp_path / "split", base, dtype=dtype) == reference
 
     assert len([name for name in reference if name.startswith("model-")]) > 1  # a shard boundary
@@ -307,11 +308,11 @@ def test_a_read_failure_aborts_the_output(tmp_path, monkeypatch):
     smallest_blocks(monkeypatch)
     real_read, calls = tensorio.SafetensorsReader.read_rows, []
 
-    def failing(self, name, start, stop):
+    def failing(self, name, start, stop, out=None):
         calls.append(name)
         if len(calls) == 4:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real_read(self, name, start, stop)
+        return real_read(self, name, start, stop, out)
 
     monkeypatch.setattr(tensorio.SafetensorsReader, "read_rows", failing)
     with pytest.raises(OSError) as caught:
@@ -347,7 +348,7 @@ def test_a_failure_while_merging_aborts_the_output(tmp_path, monkeypatch, where,
     writes behind: every thread stops, and the error comes out as it was raised."""
     base = write_base(tmp_path / "base")
     smallest_blocks(monkeypatch)
-    owner, method = (pipeline._TensorMerge, "rows") if where == "worker" else (pipeline._Pipeline, "merge")
+    owner, method = (pipeline._TensorMerge, "merge_block") if where == "worker" else (pipeline._Pipeline, "merge")
     real, seen = getattr(owner, method), []
 
     def failing(self, *args):

@@ -237,8 +237,12 @@ class _StateReader:
     def read(self, key: str) -> torch.Tensor:
         return self.state[key]
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.state[key][start:stop]
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.state[key][start:stop]
+        if out is None:
+            return rows
+        view = out[:rows.numel() * rows.element_size()].view(rows.dtype).reshape(rows.shape)
+        return view.copy_(rows)
 
 
 def plan_shards(

@@ -1,20 +1,24 @@
 """A merged model's shards, streamed: reading, merging and writing overlap (DESIGN §3, §8).
 
 :func:`write_shards` is what ``peftdsl.outputs.merge.write_merged`` runs inside its atomic
-temporary folder. Three stages run at once, and each holds a bounded number of bytes:
+temporary folder. The stages run at once, each in its own threads, with bounded memory:
 
 - a **reader** thread reads the base's tensors in plan order, one input file open at a
-  time, with ``preadv`` into fresh buffers; a tensor of many rows comes as blocks of about
-  ``BLOCK_ELEMENTS`` elements (:func:`row_blocks`), at most ``READ_AHEAD_BYTES`` ahead;
-- the **calling** thread merges each block: the transform, one cast to the output dtype,
-  the finiteness check of ``tensorio.stored``;
+  time, with ``preadv`` into reused buffers; a tensor of many rows comes as blocks of
+  about ``BLOCK_ELEMENTS`` elements (:func:`row_blocks`), at most ``READ_AHEAD_BYTES`` ahead;
+- the **calling** thread takes the blocks in order and decides, per tensor, how to merge
+  it (below); it merges whole tensors itself, and hands blocks of rows to
+- **workers** (``MERGE_WORKERS`` threads, torch single-threaded in each), which convert a
+  block to float32 in a reused buffer, fold the delta into it in place, cast it once to
+  the output dtype into a reused buffer, and check it is finite (``tensorio.stored``);
 - a **writer** thread writes each result at its offset in its shard (the header went
   first: every shape is in the plan), at most ``WRITE_BEHIND_BYTES`` behind, asks the
   kernel to start writing the pages back as it goes (``sync_file_range``) so that the
   fsync that closes each shard has little left to do.
 
 torch and these system calls release the GIL, so a merge takes about as long as its
-slowest stage, which on most machines is the disk.
+slowest stage: on most machines, the disk. Block buffers are allocated once and reused
+(:class:`_Pool`): no allocator growth across threads and no page faults per block.
 
 **Transforms.** ``transform(name, tensor)`` gets a whole tensor in float32 and returns
 the merged one or None (unchanged), as it always has. A transform may say more, and then
@@ -24,9 +28,11 @@ a large tensor (a 128k×2048 embedding: 1 GiB in float32) is never held whole:
   copied as stored (or only cast to the output dtype) a block at a time, and the
   transform is not called.
 - ``rows(name, shape) -> fold | None``: ``fold(block, start, stop)`` returns rows
-  ``start:stop`` merged (``block`` is those rows, in float32), or None for unchanged;
-  None instead of a fold means the transform can only take ``name`` whole. It is called
-  once per tensor, when the stream reaches it, so a lazy delta is computed just in time.
+  ``start:stop`` merged, or None for unchanged; ``block`` is those rows in float32, in a
+  buffer of the pipeline's that the fold may update in place. None instead of a fold
+  means the transform can only take ``name`` whole. Called once per tensor, in the
+  calling thread, when the stream reaches it (so a lazy delta is computed just in
+  time); the fold itself runs on the workers, several blocks at once.
 
 ``merge.MergeTransform`` offers both, through ``fold.delta_rows``; other transforms are
 called whole, as before. Either way the bits are those of the whole merge: dense,
@@ -34,9 +40,9 @@ called whole, as before. Either way the bits are those of the whole merge: dense
 ``MIN_BLOCK_ROWS`` rows gives the same bits as over the whole weight
 (tests/test_pipeline.py checks it; blocks of a few rows would not).
 
-**Failures.** The first exception in any stage stops the others; the calling thread
-joins both threads and raises that exception as it was raised, so a full disk is still
-the runner's R601 and ``atomic_output`` still removes the temporary folder. A
+**Failures.** The first exception in any thread stops the others; the calling thread
+joins them all and raises that exception as it was raised, so a full disk is still the
+runner's R601 and ``atomic_output`` still removes the temporary folder. A
 KeyboardInterrupt (SIGINT) lands in the calling thread and does the same.
 """
 
@@ -66,13 +72,13 @@ if TYPE_CHECKING:
 BLOCK_ELEMENTS = 2 * 1024 * 1024  # a block of rows: 8 MiB in float32
 MIN_BLOCK_ROWS = 256  # LoRA's addmm is bit-identical on row blocks this tall (module docstring)
 ROW_ALIGN = 64
-READ_AHEAD_BYTES = 96 << 20
-WRITE_BEHIND_BYTES = 96 << 20
+READ_AHEAD_BYTES = 64 << 20
+WRITE_BEHIND_BYTES = 64 << 20
 WRITEBACK_BYTES = 32 << 20  # start the kernel's writeback after this many bytes written
-# Blocks are merged by this many worker threads, each running torch single-threaded. The
-# work per element is a cast, a thin GEMM (rank ≪ width) and a sum, so parallelism across
-# blocks needs no synchronisation inside an op: torch's own OpenMP threads, when cores are
-# busy with other work, wait on each other at every op (4–20× slower per op, measured).
+# The work per element is a cast, a thin GEMM (rank ≪ width) and a sum, so blocks are
+# merged in parallel by threads each running torch single-threaded: no synchronisation
+# inside an op. torch's own OpenMP threads, when the cores are busy with other work, wait
+# on each other at every op (4–20× slower per op, measured on 2 shared cores).
 MERGE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -102,8 +108,8 @@ def write_shards(
     open_source: Callable[[Path], contextlib.AbstractContextManager],
 ) -> dict[str, str]:
     """Write ``shards`` (planned by ``merge.plan_shards``) as ``model-NNNNN-of-{count}.safetensors``
-    in ``tmp``; return the weight map. ``open_source(path)`` opens one base file for reading
-    (a context manager giving an object with ``read(name)`` and ``read_rows(name, start, stop)``).
+    in ``tmp``; return the weight map. ``open_source(path)`` opens one base file for reading:
+    a context manager giving an object with ``read(name)`` and ``read_rows(name, start, stop, out)``.
     """
     entries = [entry for shard in shards for entry in shard]
     weight_map: dict[str, str] = {}
@@ -112,7 +118,7 @@ def write_shards(
         for number, shard in enumerate(shards, start=1):
             filename = f"model-{number:05d}-of-{count:05d}.safetensors"
             specs = {entry.name: (_output_dtype(entry, dtype), entry.shape) for entry in shard}
-            pipe.send(("open", tmp / filename, specs), 0)
+            pipe.write(("open", tmp / filename, specs))
             merges = []
             for entry in shard:
                 merge = _TensorMerge(entry, transform, groups.get(entry.name, (entry.name,)), dtype)
@@ -124,13 +130,13 @@ def write_shards(
                         break
                 whole = merge.whole()  # whole mode: merged here, in stream order (a transform may be lazy)
                 if whole is not None:
-                    pipe.send(("write", entry.name, None, whole), _nbytes(whole))
+                    pipe.write(("write", entry.name, None, whole), nbytes=_nbytes(whole))
                 merges.append(merge)
                 weight_map[entry.name] = filename
             pipe.drain()  # every block of the shard merged and handed to the writer
             for merge in merges:
                 merge.check()
-            pipe.send(("close",), 0)
+            pipe.write(("close",))
         pipe.finish()
     return weight_map
 
@@ -152,6 +158,11 @@ def _output_dtype(entry: TensorEntry, dtype: torch.dtype | None) -> torch.dtype:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _view(buffer: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The first bytes of a pool buffer as a tensor of ``dtype`` and ``shape``."""
+    return buffer[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(tuple(shape))
 
 
 # =========================================================================== one tensor's merge
@@ -195,7 +206,8 @@ class _Block:
     entry: TensorEntry
     start: int
     stop: int
-    data: torch.Tensor  # rows start:stop (the whole tensor when not split), as stored
+    data: torch.Tensor  # rows start:stop (the whole tensor when not split), as stored: a view of buffer
+    buffer: torch.Tensor  # the read pool's, given back once data is used
     split: bool
     last: bool
 
@@ -217,7 +229,7 @@ class _TensorMerge:
         self.mode: str | None = None
         self.folds: list[tuple[str, Callable]] = []
         self.buffer: torch.Tensor | None = None  # whole mode: the tensor put together
-        self.overflow: torch.Tensor | None = None  # a block whose cast overflowed
+        self.overflow: torch.Tensor | None = None  # a block whose cast overflowed (a copy)
         self.nonfinite = False  # some merged block holds NaN or Inf before the cast
 
     def start(self, split: bool) -> str:
@@ -226,13 +238,13 @@ class _TensorMerge:
         return self.mode
 
     def collect(self, block: _Block) -> None:
-        """Whole mode: keep the block until :meth:`whole`."""
-        if not block.split:
-            self.buffer = block.data
-            return
+        """Whole mode: keep a copy of the block (its buffer goes back) until :meth:`whole`."""
         if self.buffer is None:
             self.buffer = torch.empty(self.entry.shape, dtype=self.entry.dtype)
-        self.buffer[block.start:block.stop] = block.data
+        if block.split:
+            self.buffer[block.start:block.stop] = block.data
+        else:
+            self.buffer.copy_(block.data)
 
     def whole(self) -> torch.Tensor | None:
         """Whole mode, after the last block: the merged tensor."""
@@ -241,33 +253,32 @@ class _TensorMerge:
         tensor, self.buffer = self.buffer, None
         return merged_tensor(self.entry, tensor, self.transform, self.names, self.dtype)
 
-    def cast(self, block: _Block) -> torch.Tensor:
-        return block.data.to(self.compute).to(self.out_dtype).contiguous()
-
-    def rows(self, block: _Block) -> torch.Tensor:
-        """Rows mode: one block merged (on a worker; blocks of one tensor may run at once)."""
-        current, touched = block.data.to(self.compute, copy=True), False  # ours: folds may work in place
-        for name, fold in self.folds:
-            changed = fold(current, block.start, block.stop)
-            if changed is not None:
-                if changed.shape != current.shape:
-                    raise ValueError(f"transform changed the shape of rows {block.start}:{block.stop} of `{name}`: "
-                                     f"{tuple(current.shape)} -> {tuple(changed.shape)}")
-                current, touched = changed.to(self.compute), True
-        if self.part is not None:
-            touched = True
-            part = part_rows(self.part, block.start, block.stop)
-            if part is not None:
-                current = fold_part(current, part, name=self.entry.name).to(self.compute)
-        out = current.to(self.out_dtype).contiguous()
+    def merge_block(self, block: _Block, work: torch.Tensor, out: torch.Tensor) -> None:
+        """Cast or rows mode, on a worker: the block's output rows into ``out`` (several blocks
+        of one tensor may run at once). ``work`` is the worker's buffer in the compute dtype."""
+        current = work.copy_(block.data)  # the float32 rows: exact from the stored dtype
+        touched = False
+        if self.mode == "rows":
+            for name, fold in self.folds:
+                changed = fold(current, block.start, block.stop)
+                if changed is not None:
+                    if changed.shape != current.shape:
+                        raise ValueError(f"transform changed the shape of rows {block.start}:{block.stop} of "
+                                         f"`{name}`: {tuple(current.shape)} -> {tuple(changed.shape)}")
+                    current, touched = changed.to(self.compute), True
+            if self.part is not None:
+                touched = True
+                part = part_rows(self.part, block.start, block.stop)
+                if part is not None:
+                    current = fold_part(current, part, name=self.entry.name).to(self.compute)
+        out.copy_(current)  # the one rounding to the output dtype (copy_ is what .to() runs)
         # tensorio.stored's check, over the whole tensor (see check): an overflow is an error
         # unless the float32 result itself holds NaN or Inf somewhere.
         if touched and not all_finite(out):
             if all_finite(current):
-                self.overflow = current
+                self.overflow = current.clone()
             else:
                 self.nonfinite = True
-        return out
 
     def check(self) -> None:
         """After every block is merged: raise an overflow, as ``stored`` would on the whole tensor."""
@@ -302,35 +313,79 @@ class _TensorMerge:
 
 
 class _Failure:
-    """The first exception of any stage; setting it wakes every stage that waits."""
+    """The first exception of any thread; setting it wakes every thread that waits."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.lock = threading.Lock()
-        self.budgets: list[_Budget] = []
+        self.waiters: list[threading.Condition] = []
 
     def set(self, error: BaseException) -> None:
         with self.lock:
             if self.error is None:
                 self.error = error
-        for budget in self.budgets:
-            budget.wake()
+        for cond in self.waiters:
+            with cond:
+                cond.notify_all()
 
     def __bool__(self) -> bool:
         return self.error is not None
 
 
+class _Pool:
+    """Byte buffers handed out and given back, at most ``capacity`` bytes of them in all:
+    the flow control between two stages, and memory that is allocated once and reused.
+
+    A taker waits while the pool is spent (one request larger than the whole pool goes
+    alone). A given-back buffer is reused for any request it holds (the smallest such);
+    when none does, free ones are dropped to make room for a new one. Blocks of one size
+    dominate a model, so the pool settles on a few buffers of that size.
+    """
+
+    GRAIN = 1 << 20
+
+    def __init__(self, capacity: int, failure: _Failure):
+        self.capacity, self.failure = capacity, failure
+        self.used = 0  # bytes of the buffers handed out
+        self.free: list[torch.Tensor] = []
+        self.cond = threading.Condition()
+        failure.waiters.append(self.cond)
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer of at least ``nbytes``; None when a thread has failed: stop."""
+        size = max(1, -(-nbytes // self.GRAIN)) * self.GRAIN
+        with self.cond:
+            while self.used and self.used + size > self.capacity and not self.failure:
+                self.cond.wait()
+            if self.failure:
+                return None
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= size]
+            if fits:
+                buffer = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+                self.used += buffer.numel()
+                return buffer
+            self.free.sort(key=torch.Tensor.numel)
+            while self.free and self.used + size + sum(b.numel() for b in self.free) > self.capacity:
+                self.free.pop()  # the largest: none of them holds this request
+            self.used += size
+        return torch.empty(size, dtype=torch.uint8)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self.cond:
+            self.used -= buffer.numel()
+            self.free.append(buffer)
+            self.cond.notify_all()
+
+
 class _Budget:
-    """Bytes in flight between two stages; a taker waits while the budget is spent (one item
-    larger than the whole budget goes alone)."""
+    """Bytes of fresh tensors (whole-tensor results) waiting for the writer."""
 
     def __init__(self, capacity: int, failure: _Failure):
         self.capacity, self.used, self.failure = capacity, 0, failure
         self.cond = threading.Condition()
-        failure.budgets.append(self)
+        failure.waiters.append(self.cond)
 
     def take(self, nbytes: int) -> bool:
-        """False when a stage has failed: stop."""
         with self.cond:
             while self.used and self.used + nbytes > self.capacity and not self.failure:
                 self.cond.wait()
@@ -344,10 +399,6 @@ class _Budget:
             self.used -= nbytes
             self.cond.notify_all()
 
-    def wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
 
 _END = object()
 
@@ -357,21 +408,22 @@ class _Pipeline:
 
     def __init__(self, entries: Sequence[TensorEntry], open_source: Callable, workers: int):
         self.failure = _Failure()
-        self.read_budget = _Budget(READ_AHEAD_BYTES, self.failure)
-        self.write_budget = _Budget(WRITE_BEHIND_BYTES, self.failure)
+        self.read_pool = _Pool(READ_AHEAD_BYTES, self.failure)
+        self.out_pool = _Pool(WRITE_BEHIND_BYTES, self.failure)
+        self.whole_budget = _Budget(WRITE_BEHIND_BYTES, self.failure)
         self.read_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.write_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.pending, self.idle = 0, threading.Condition()
-        self.threads = [threading.Thread(target=self._guard, args=(self._read, entries, open_source),
-                                         name="peftdsl-read", daemon=True),
-                        threading.Thread(target=self._guard, args=(self._write,), name="peftdsl-write", daemon=True)]
-        self.threads += [threading.Thread(target=self._guard, args=(self._work,), name=f"peftdsl-merge-{i}",
-                                          daemon=True) for i in range(workers)]
-        self.workers = workers
+        self.failure.waiters.append(self.idle)
+        self.reader = threading.Thread(target=self._guard, args=(self._read, entries, open_source),
+                                       name="peftdsl-read", daemon=True)
+        self.writer = threading.Thread(target=self._guard, args=(self._write,), name="peftdsl-write", daemon=True)
+        self.workers = [threading.Thread(target=self._guard, args=(self._work,), name=f"peftdsl-merge-{i}",
+                                         daemon=True) for i in range(workers)]
 
     def __enter__(self) -> _Pipeline:
-        for thread in self.threads:
+        for thread in (self.reader, self.writer, *self.workers):
             thread.start()
         return self
 
@@ -379,10 +431,9 @@ class _Pipeline:
         if error is not None:  # the calling thread failed (or was interrupted): stop the others
             self.failure.set(error)
         self.write_queue.put(_END)
-        for _ in range(self.workers):
+        for _ in self.workers:
             self.tasks.put(_END)
-        self.idle_wake()
-        for thread in self.threads:
+        for thread in (self.reader, self.writer, *self.workers):
             thread.join()
 
     # ------------------------------------------------------------ the calling thread
@@ -399,26 +450,23 @@ class _Pipeline:
         """Hand one block on: to the writer as it is, to a worker, or to its tensor's buffer."""
         self._raise()
         mode = merge.start(block.split)
-        if mode == "copy":
-            self.release(block)
-            self.send(("write", block.entry.name, block.start if block.split else None, block.data),
-                      _nbytes(block.data))
+        if mode == "copy":  # the read buffer goes to the writer, which gives it back
+            self.write(("write", block.entry.name, block.start if block.split else None, block.data),
+                       give=(self.read_pool, block.buffer))
         elif mode == "whole":
             merge.collect(block)
-            self.release(block)
+            self.read_pool.give(block.buffer)
         else:
             with self.idle:
                 self.pending += 1
             self.tasks.put((merge, block))
 
-    def release(self, block: _Block) -> None:
-        self.read_budget.give(_nbytes(block.data))
-
-    def send(self, op: tuple, nbytes: int) -> None:
-        """An operation for the writer, once the write budget has room for ``nbytes``."""
-        if not self.write_budget.take(nbytes):
+    def write(self, op: tuple, *, nbytes: int = 0, give: tuple | None = None) -> None:
+        """An operation for the writer; ``nbytes`` of fresh tensors wait for room first,
+        ``give`` is a (pool, buffer) the writer gives back once it is written."""
+        if nbytes and not self.whole_budget.take(nbytes):
             self._raise()
-        self.write_queue.put((op, nbytes))
+        self.write_queue.put((op, nbytes, give))
 
     def drain(self) -> None:
         """Wait until the workers have merged every block handed to them."""
@@ -428,14 +476,10 @@ class _Pipeline:
         self._raise()
 
     def finish(self) -> None:
-        """Wait for the writer to be done; raise what any stage raised."""
+        """Wait for the writer to be done; raise what any thread raised."""
         self.write_queue.put(_END)
-        self.threads[1].join()
+        self.writer.join()
         self._raise()
-
-    def idle_wake(self) -> None:
-        with self.idle:
-            self.idle.notify_all()
 
     def _raise(self) -> None:
         error = self.failure.error
@@ -449,9 +493,8 @@ class _Pipeline:
             work(*args)
         except BaseException as err:  # noqa: BLE001 — handed to the calling thread, which raises it
             self.failure.set(err)
-            self.idle_wake()
         finally:
-            if threading.current_thread() is self.threads[0]:
+            if threading.current_thread() is self.reader:
                 self.read_queue.put(_END)
 
     def _read(self, entries: Sequence[TensorEntry], open_source: Callable) -> None:
@@ -465,25 +508,40 @@ class _Pipeline:
                     source = entry.source
                     _read_sequentially(reader)
                 blocks = row_blocks(entry.shape)
-                for i, (start, stop) in enumerate(blocks or [(0, entry.shape[0] if entry.shape else 0)]):
-                    nbytes = entry.nbytes(entry.dtype) if blocks is None else \
-                        (stop - start) * math.prod(entry.shape[1:]) * entry.dtype.itemsize
-                    if not self.read_budget.take(nbytes):
+                for i, (start, stop) in enumerate(blocks or [(0, entry.shape[0] if entry.shape else 1)]):
+                    shape = (stop - start, *entry.shape[1:]) if blocks is not None else entry.shape
+                    buffer = self.read_pool.take(math.prod(shape) * entry.dtype.itemsize)
+                    if buffer is None:
                         return
-                    data = reader.read(entry.name) if blocks is None else reader.read_rows(entry.name, start, stop)
+                    data = _view(buffer, entry.dtype, shape)
+                    if entry.shape:
+                        reader.read_rows(entry.name, start, stop, out=buffer)
+                    else:  # a scalar
+                        data.copy_(reader.read(entry.name))
                     last = blocks is None or i == len(blocks) - 1
-                    self.read_queue.put(_Block(entry, start, stop, data, blocks is not None, last))
+                    self.read_queue.put(_Block(entry, start, stop, data, buffer, blocks is not None, last))
 
     def _work(self) -> None:
+        scratch: dict[torch.dtype, torch.Tensor] = {}  # this worker's compute buffers, grown as needed
         while True:
             task = self.tasks.get()
             if task is _END or self.failure:
                 return
             merge, block = task
             try:
-                out = merge.rows(block) if merge.mode == "rows" else merge.cast(block)
-                self.release(block)
-                self.send(("write", block.entry.name, block.start if block.split else None, out), _nbytes(out))
+                shape = tuple(block.data.shape)
+                numel = math.prod(shape)
+                if scratch.get(merge.compute) is None or scratch[merge.compute].numel() < numel:
+                    scratch[merge.compute] = torch.empty(numel, dtype=merge.compute)
+                work = scratch[merge.compute][:numel].view(shape)
+                buffer = self.out_pool.take(numel * merge.out_dtype.itemsize)
+                if buffer is None:
+                    return
+                out = _view(buffer, merge.out_dtype, shape)
+                merge.merge_block(block, work, out)
+                self.read_pool.give(block.buffer)
+                self.write(("write", block.entry.name, block.start if block.split else None, out),
+                           give=(self.out_pool, buffer))
             finally:
                 with self.idle:
                     self.pending -= 1
@@ -497,7 +555,7 @@ class _Pipeline:
                 item = self.write_queue.get()
                 if item is _END or self.failure:
                     return
-                (op, *args), nbytes = item
+                (op, *args), nbytes, give = item
                 if op == "open":
                     path, specs = args
                     writer = StreamingSafetensors(path, specs, SAFETENSORS_METADATA)
@@ -507,14 +565,18 @@ class _Pipeline:
                         writer.write(key, tensor)
                     else:
                         writer.write_rows(key, start, tensor)
-                    since += nbytes
+                    since += _nbytes(tensor)
                     if since >= WRITEBACK_BYTES:
                         _start_writeback(writer.fd)
                         since = 0
                 else:  # close: every tensor is in; fsync
                     done, writer = writer, None
                     done.close()
-                self.write_budget.give(nbytes)
+                if nbytes:
+                    self.whole_budget.give(nbytes)
+                if give is not None:
+                    pool, buffer = give
+                    pool.give(buffer)
         finally:
             if writer is not None:
                 writer.abort()

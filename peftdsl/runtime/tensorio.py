@@ -139,13 +139,14 @@ class SafetensorsReader:
                 raise OSError("the file is shorter than its header says (truncated while running?)")
         return raw.view(dtype).reshape(len(keys), *shape)
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of one tensor, in its stored dtype (a large tensor read a block at a time)."""
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor, in its stored dtype (a large tensor read a block at a
+        time), into the first bytes of ``out`` (a uint8 buffer) when given."""
         info = self.tensors[key]
         dtype, shape = TORCH_DTYPES[info.dtype], tuple(info.shape)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         size = (stop - start) * row_bytes
-        raw = torch.empty(size, dtype=torch.uint8)
+        raw = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
         if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0] + start * row_bytes) != size:
             raise OSError("the file is shorter than its header says (truncated while running?)")
         return raw.view(dtype).reshape(stop - start, *shape[1:])
