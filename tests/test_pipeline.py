@@ -232,6 +232,7 @@ def test_split_merge_writes_the_bytes_of_the_whole_merge(tmp_path, monkeypatch, 
     modes, reads = [], []
     real_mode, real_read = pipeline._TensorMerge._mode, tensorio.SafetensorsReader.read_rows
     smallest_blocks(monkeypatch)
+    monkeypatch.setattr(pipeline, "WRITEBACK_BYTES", 1)  # writeback started after every write
     monkeypatch.setattr(pipeline._TensorMerge, "_mode", lambda self, split: modes.append(
         (self.entry.name, real_mode(self, split))) or modes[-1][1])
     monkeypatch.setattr(tensorio.SafetensorsReader, "read_rows",

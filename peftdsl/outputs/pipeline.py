@@ -74,7 +74,7 @@ MIN_BLOCK_ROWS = 256  # LoRA's addmm is bit-identical on row blocks this tall (m
 ROW_ALIGN = 64
 READ_AHEAD_BYTES = 64 << 20
 WRITE_BEHIND_BYTES = 64 << 20
-WRITEBACK_BYTES = 32 << 20  # start the kernel's writeback after this many bytes written
+WRITEBACK_BYTES = 64 << 20  # start the kernel's writeback once this many bytes are written
 # The work per element is a cast, a thin GEMM (rank ≪ width) and a sum, so blocks are
 # merged in parallel by threads each running torch single-threaded: no synchronisation
 # inside an op. torch's own OpenMP threads, when the cores are busy with other work, wait
@@ -549,7 +549,7 @@ class _Pipeline:
 
     def _write(self) -> None:
         writer: StreamingSafetensors | None = None
-        since = 0
+        dirty: list[int] = []  # the byte range written since writeback was last started
         try:
             while True:
                 item = self.write_queue.get()
@@ -565,12 +565,16 @@ class _Pipeline:
                         writer.write(key, tensor)
                     else:
                         writer.write_rows(key, start, tensor)
-                    since += _nbytes(tensor)
-                    if since >= WRITEBACK_BYTES:
-                        _start_writeback(writer.fd)
-                        since = 0
+                    begin = writer.data_start + writer.offsets[key][0]
+                    if start:
+                        begin += start * _nbytes(tensor) // tensor.shape[0]
+                    dirty = [min(dirty[0], begin), max(dirty[1], begin + _nbytes(tensor))] if dirty else \
+                        [begin, begin + _nbytes(tensor)]
+                    if dirty[1] - dirty[0] >= WRITEBACK_BYTES:
+                        _start_writeback(writer.fd, dirty[0], dirty[1] - dirty[0])
+                        dirty = []
                 else:  # close: every tensor is in; fsync
-                    done, writer = writer, None
+                    done, writer, dirty = writer, None, []
                     done.close()
                 if nbytes:
                     self.whole_budget.give(nbytes)
@@ -605,7 +609,7 @@ def _sync_file_range() -> Callable | None:
 _SYNC = _sync_file_range()
 
 
-def _start_writeback(fd: int) -> None:
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing the file's dirty pages back, without waiting (Linux ``sync_file_range``).
 
     Otherwise the kernel waits until gigabytes are dirty and the closing fsync writes
@@ -613,4 +617,4 @@ def _start_writeback(fd: int) -> None:
     A failure is not lost: the fsync that closes the shard reports it.
     """
     if _SYNC is not None:
-        _SYNC(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        _SYNC(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
