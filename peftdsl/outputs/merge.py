@@ -21,6 +21,7 @@ import torch
 
 from peftdsl import inputs
 from peftdsl.errors import InputDataError
+from peftdsl.outputs import pipeline
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
 from peftdsl.outputs.write import SAFETENSORS_METADATA, write_provenance
 from peftdsl.runtime import experts
@@ -29,6 +30,8 @@ from peftdsl.runtime.fold import (
     DenseDelta,
     PartDelta,
     changes_bias,
+    check_fold,
+    delta_rows,
     fold_bias,
     fold_part,
     fold_weight,
@@ -87,6 +90,35 @@ class MergeTransform:
         function = self.functions.get(name)
         return None if function is None else function(tensor)
 
+    # What the streaming writer asks to merge large tensors a block of rows at a time
+    # (peftdsl.outputs.pipeline); parts it reads from ``parts`` itself.
+
+    def changes(self, name: str) -> bool:
+        """Whether ``self(name, ·)`` changes the tensor (parts aside)."""
+        return name in self.functions
+
+    def rows(self, name: str, shape: tuple[int, ...]) -> Callable | None:
+        """``fold(block, start, stop)`` merging rows of ``name``, or None when it goes whole."""
+        function = self.functions.get(name)
+        return function.rows(shape) if isinstance(function, WeightFold) else None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightFold:
+    """:func:`fold_weight` of one module's delta, looked up in ``deltas`` when the writer
+    reaches the weight (a lazy mapping computes it then), whole or by blocks of rows."""
+
+    module: str
+    deltas: Mapping[str, Delta]
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return fold_weight(weight, self.deltas[self.module], name=self.module)
+
+    def rows(self, shape: tuple[int, ...]) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        delta, name = self.deltas[self.module], self.module
+        check_fold(shape, delta, name=name)  # against the whole weight: the errors of an unsplit merge
+        return lambda block, start, stop: fold_weight(block, delta_rows(delta, start, stop), name=name, inplace=True)
+
 
 def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False,
                     parts: Mapping[str, PartDelta] | None = None, base_dir: Path | None = None,
@@ -103,7 +135,7 @@ def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False,
     plain, fused = experts.split_names(deltas)
     functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if dense:
-        functions = {f"{name}.weight": (lambda W, n=name: fold_weight(W, deltas[n], name=n)) for name in sorted(plain)}
+        functions = {f"{name}.weight": WeightFold(name, deltas) for name in sorted(plain)}
         parts = dict(parts or {})
     else:
         parts = dict(parts or {}) | {name: d for name, d in deltas.items() if isinstance(d, PartDelta)}
@@ -111,7 +143,7 @@ def merge_transform(deltas: Mapping[str, Delta], *, dense: bool = False,
             delta = deltas[name]
             if isinstance(delta, PartDelta):
                 continue
-            functions[f"{name}.weight"] = lambda W, n=name, d=delta: fold_weight(W, d, name=n)
+            functions[f"{name}.weight"] = WeightFold(name, deltas)
             if changes_bias(delta):
                 functions[f"{name}.bias"] = lambda b, n=name, d=delta: fold_bias(b, d, name=n)
     if not fused:
@@ -199,15 +231,32 @@ def _load_pickle(source: Path) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _tensor_reader(source: Path) -> Iterator[Callable[[str], torch.Tensor]]:
-    """Open one weight file; tensors are read lazily, one at a time, by offset (no memory map)."""
+def _tensor_reader(source: Path) -> Iterator[SafetensorsReader | _StateReader]:
+    """Open one weight file; tensors, or blocks of their rows, are read lazily by offset (no memory map)."""
     if source.suffix == ".safetensors":
         with SafetensorsReader(source) as reader:
-            yield reader.read
+            yield reader
     else:
         state = _load_pickle(source)
-        yield state.__getitem__
+        yield _StateReader(state)
         del state
+
+
+class _StateReader:
+    """A loaded (pickled) state dict, read like a safetensors file."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self.state = state
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.state[key][start:stop]
+        if out is None:
+            return rows
+        view = out[:rows.numel() * rows.element_size()].view(rows.dtype).reshape(rows.shape)
+        return view.copy_(rows)
 
 
 def plan_shards(
@@ -266,39 +315,6 @@ def tied_groups(base_dir: Path, stored: Collection[str], task: str | None = None
     return groups
 
 
-def _merged_tensor(
-    entry: TensorEntry, tensor: torch.Tensor, transform: Transform, names: tuple[str, ...], dtype: torch.dtype | None
-) -> torch.Tensor:
-    """Apply the transform under every name of the tensor's tie group, then cast once.
-
-    A delta on a tied parameter (``lm_head`` of a tied model) lands on the one
-    shared tensor, as in PEFT's merge, which assigns to the shared Parameter:
-    ``merge_and_unload`` + ``save_pretrained`` keeps one tensor with both deltas
-    and the config stays tied. (The merged model then differs from the unmerged
-    PeftModel, where each delta acts on one side only; PEFT warns about it.)
-    """
-    if not tensor.is_floating_point():
-        return tensor.contiguous()
-    compute = torch.promote_types(tensor.dtype, torch.float32)  # float64 bases stay float64
-    current, touched = tensor.to(compute), False
-    for name in names:
-        changed = transform(name, current)
-        if changed is not None:
-            if tuple(changed.shape) != entry.shape:
-                raise ValueError(f"transform changed the shape of `{name}`: {entry.shape} -> {tuple(changed.shape)}")
-            current = changed.to(compute)
-            touched = True
-    # A part sets the stored tensor of its own name, never another side of a tie: a saved
-    # `lm_head` of a tied model is written as a tensor of its own (`_added_parts`).
-    part = getattr(transform, "parts", {}).get(entry.name)
-    if part is not None:
-        try:
-            current, touched = fold_part(current, part, name=entry.name).to(compute), True
-        except ValueError as err:
-            raise InputDataError(str(err)) from err
-    return stored(current, dtype or entry.dtype, entry.name) if touched else current.to(dtype or entry.dtype).contiguous()
-
-
 def write_merged(
     target: Path,
     *,
@@ -323,8 +339,9 @@ def write_merged(
     ``provenance`` is written as ``peftdsl.json`` inside the same atomic rename, and ``card``
     (:mod:`peftdsl.outputs.card`) as ``README.md``.
     Parts the base does not store (a head created at fine-tuning) are added as a last shard,
-    and the config becomes ``task``'s model class (peftdsl.tasks). Peak memory is about one
-    output shard.
+    and the config becomes ``task``'s model class (peftdsl.tasks). Reading, merging and
+    writing overlap, and peak memory is a few blocks of rows in flight, not a shard or a
+    whole tensor (peftdsl.outputs.pipeline).
     """
     base_dir = Path(base_dir)
     check_output_free(Path(target), force)
@@ -485,40 +502,8 @@ def _write_shards(
     dtype: torch.dtype | None,
     count: int,
 ) -> dict[str, str]:
-    """Stream tensors in plan order, one input file open at a time, flushing each output shard."""
-    weight_map: dict[str, str] = {}
-    with contextlib.closing(_stream(entry for shard in shards for entry in shard)) as tensors:
-        for number, shard in enumerate(shards, start=1):
-            filename = f"model-{number:05d}-of-{count:05d}.safetensors"
-            # Every shape and dtype is in the base's headers: the shard's header goes
-            # first and each tensor is written as soon as it is merged (one in memory).
-            specs = {entry.name: (_output_dtype(entry, dtype), entry.shape) for entry in shard}
-            writer = StreamingSafetensors(tmp / filename, specs, SAFETENSORS_METADATA)
-            try:
-                for entry in shard:
-                    streamed_entry, tensor = next(tensors)
-                    assert streamed_entry is entry
-                    names = groups.get(entry.name, (entry.name,))
-                    writer.write(entry.name, _merged_tensor(entry, tensor, transform, names, dtype))
-                    weight_map[entry.name] = filename
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-    return weight_map
-
-
-def _stream(entries: Iterator[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
-    """Yield each entry with its tensor, keeping only the current input file open."""
-    reader_source: Path | None = None
-    stack = contextlib.ExitStack()
-    with stack:
-        for entry in entries:
-            if entry.source != reader_source:
-                stack.close()
-                read = stack.enter_context(_tensor_reader(entry.source))
-                reader_source = entry.source
-            yield entry, read(entry.name)
+    """Stream tensors in plan order through reading, merging and writing at once (peftdsl.outputs.pipeline)."""
+    return pipeline.write_shards(tmp, shards, transform, groups, dtype, count, open_source=_tensor_reader)
 
 
 def _write_config(base_dir: Path, tmp: Path, dtype: torch.dtype | None, changes: Mapping[str, Any] | None = None) -> None:

@@ -78,37 +78,58 @@ class PartDelta:
 Delta = LoraDelta | DenseDelta | IA3Delta
 
 
-def fold_weight(weight: torch.Tensor, delta: Delta, *, name: str = "") -> torch.Tensor:
+def fold_weight(weight: torch.Tensor, delta: Delta, *, name: str = "", inplace: bool = False) -> torch.Tensor:
     """A new tensor: ``weight`` with ``delta`` folded in, in ``weight``'s dtype and on its device.
 
-    ``name`` (the module's) prefixes error messages. Raises ValueError when the
-    delta does not fit the weight, TypeError when it is not a delta.
+    ``name`` (the module's) prefixes error messages. With ``inplace`` (a float32 or float64
+    weight the caller owns) the result is written into ``weight`` and returned: the same
+    bits, without a second buffer. Raises ValueError when the delta does not fit the
+    weight, TypeError when it is not a delta.
     """
     import torch
 
+    check_fold(weight.shape, delta, name=name)
+    where = f"module `{name}`: " if name else ""
+    linear = delta.layout == "linear"
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    if inplace and weight.dtype != dtype:
+        raise TypeError(f"{where}an in-place fold needs a float32 or float64 weight, not {weight.dtype}")
+    if isinstance(delta, IA3Delta):
+        vector = delta.l.to(device=weight.device, dtype=dtype)
+        vector = vector if linear else vector.T
+        return weight.mul_(vector) if inplace else (weight.detach().to(dtype) * vector).to(weight.dtype)
+    if isinstance(delta, LoraDelta):
+        A, B = (t.to(device=weight.device, dtype=dtype) for t in (delta.A, delta.B))
+        left, right = (B, A) if linear else (A.T, B.T)
+        if inplace:  # beta = 1 into the weight itself: what addmm does after copying the weight out
+            return weight.addmm_(left, right)
+        return torch.addmm(weight.detach().to(dtype), left, right).to(weight.dtype)
+    frame = delta.delta.to(device=weight.device, dtype=dtype)
+    frame = frame if linear else frame.T
+    return weight.add_(frame) if inplace else (weight.detach().to(dtype) + frame).to(weight.dtype)
+
+
+def check_fold(shape: tuple[int, ...], delta: Delta, *, name: str = "") -> None:
+    """Raise what :func:`fold_weight` raises for a weight of ``shape`` and ``delta``, computing
+    nothing (so that a weight folded a block of rows at a time gets the errors of a whole one)."""
     where = f"module `{name}`: " if name else ""
     if not isinstance(delta, (LoraDelta, DenseDelta, IA3Delta)):
         raise TypeError(f"{where}not a LoRA, dense or (IA)³ delta: {type(delta).__name__}")
     if delta.layout not in LAYOUTS:
         raise ValueError(f"{where}unknown layout `{delta.layout}`")
-    if weight.dim() != 2:
-        raise ValueError(f"{where}a weight of shape {tuple(weight.shape)} is not a matrix")
-    linear = delta.layout == "linear"
-    out_in = tuple(weight.shape) if linear else tuple(weight.shape)[::-1]  # the weight in the factor frame
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"{where}a weight of shape {shape} is not a matrix")
+    out_in = shape if delta.layout == "linear" else shape[::-1]  # the weight in the factor frame
     if isinstance(delta, IA3Delta):
-        vector = _ia3_vector(delta, weight, out_in, dtype, where)
-        return (weight.detach().to(dtype) * (vector if linear else vector.T)).to(weight.dtype)
-    if isinstance(delta, LoraDelta):
-        A, B = (t.to(device=weight.device, dtype=dtype) for t in (delta.A, delta.B))
+        _check_ia3(delta, shape, out_in, where)
+    elif isinstance(delta, LoraDelta):
+        A, B = delta.A, delta.B
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"{where}LoRA factors of shapes {tuple(A.shape)} and {tuple(B.shape)} do not chain")
-        _check_fits(where, delta.layout, (B.shape[0], A.shape[1]), out_in, weight)
-        left, right = (B, A) if linear else (A.T, B.T)
-        return torch.addmm(weight.detach().to(dtype), left, right).to(weight.dtype)
-    frame = delta.delta.to(device=weight.device, dtype=dtype)
-    _check_fits(where, delta.layout, tuple(frame.shape), out_in, weight)
-    return (weight.detach().to(dtype) + (frame if linear else frame.T)).to(weight.dtype)
+        _check_fits(where, delta.layout, (B.shape[0], A.shape[1]), out_in, shape)
+    else:
+        _check_fits(where, delta.layout, tuple(delta.delta.shape), out_in, shape)
 
 
 def fold_bias(bias: torch.Tensor, delta: Delta, *, name: str = "") -> torch.Tensor | None:
@@ -139,17 +160,24 @@ def fold_part(tensor: torch.Tensor | None, part: PartDelta, *, name: str = "") -
         if part.add or part.rows:
             raise ValueError(f"{where}the base has no such tensor to {'add to' if part.add else 'set rows of'}")
         return part.value.to(torch.float32).clone()
+    check_part(tensor.shape, part, name=name)
     dtype = torch.promote_types(tensor.dtype, torch.float32)
     value = part.value.to(device=tensor.device, dtype=dtype)
     if part.rows:
-        if value.dim() != 2 or tensor.dim() != 2 or value.shape != (len(part.rows), tensor.shape[1]):
-            raise ValueError(f"{where}{len(part.rows)} rows of shape {tuple(value.shape)} do not fit "
-                             f"{tuple(tensor.shape)}")
         index = torch.tensor(part.rows, device=tensor.device)
         return tensor.detach().to(dtype).index_copy(0, index, value).to(tensor.dtype)
-    if tuple(value.shape) != tuple(tensor.shape):
-        raise ValueError(f"{where}a value of shape {tuple(value.shape)} does not fit {tuple(tensor.shape)}")
     return (tensor.detach().to(dtype) + value if part.add else value).to(tensor.dtype)
+
+
+def check_part(shape: tuple[int, ...], part: PartDelta, *, name: str = "") -> None:
+    """Raise what :func:`fold_part` raises for a stored tensor of ``shape``, computing nothing."""
+    where = f"`{name}`: " if name else ""
+    shape, value = tuple(shape), part.value
+    if part.rows:
+        if value.dim() != 2 or len(shape) != 2 or tuple(value.shape) != (len(part.rows), shape[1]):
+            raise ValueError(f"{where}{len(part.rows)} rows of shape {tuple(value.shape)} do not fit {shape}")
+    elif tuple(value.shape) != shape:
+        raise ValueError(f"{where}a value of shape {tuple(value.shape)} does not fit {shape}")
 
 
 def changes_bias(delta: Delta) -> bool:
@@ -157,8 +185,8 @@ def changes_bias(delta: Delta) -> bool:
     return isinstance(delta, IA3Delta) and not delta.feedforward
 
 
-def _ia3_vector(delta: IA3Delta, weight: torch.Tensor, out_in: tuple, dtype: torch.dtype, where: str) -> torch.Tensor:
-    """``l`` on the weight's device in ``dtype``, after checking its shape against the weight."""
+def _check_ia3(delta: IA3Delta, shape: tuple, out_in: tuple, where: str) -> None:
+    """``l``'s shape against the weight's."""
     if delta.layout == "embedding":
         raise ValueError(f"{where}(IA)³ does not apply to embeddings")
     out_features, in_features = out_in
@@ -166,12 +194,61 @@ def _ia3_vector(delta: IA3Delta, weight: torch.Tensor, out_in: tuple, dtype: tor
     if tuple(delta.l.shape) != expected:
         kind = "feed-forward" if delta.feedforward else "output"
         raise ValueError(f"{where}(IA)³ vector of shape {tuple(delta.l.shape)} does not fit weight "
-                         f"{tuple(weight.shape)}: expected {expected} ({kind} scaling)")
-    return delta.l.to(device=weight.device, dtype=dtype)
+                         f"{shape}: expected {expected} ({kind} scaling)")
 
 
-def _check_fits(where: str, layout: str, frame: tuple, out_in: tuple, weight: torch.Tensor) -> None:
-    """A delta of ``frame`` shape (out×in) fits a weight whose factor-frame shape is ``out_in``."""
+def _check_fits(where: str, layout: str, frame: tuple, out_in: tuple, shape: tuple) -> None:
+    """A delta of ``frame`` shape (out×in) fits a weight of ``shape`` whose factor-frame shape is ``out_in``."""
     if tuple(frame) != out_in:
         raise ValueError(f"{where}a {layout} delta of shape {tuple(frame)} does not fit its weight of shape "
-                         f"{tuple(weight.shape)}")
+                         f"{tuple(shape)}")
+
+
+# --------------------------------------------------------------------------- row blocks
+#
+# A large stored tensor is merged a block of rows at a time (peftdsl.outputs.pipeline), so
+# that no whole float32 copy of it is ever held. These give the share of a delta that lands
+# on rows ``start:stop`` of the stored weight; folding a block with it gives the same values
+# as folding the whole weight and slicing: elementwise for dense, (IA)³ and parts, and for
+# LoRA an ``addmm`` over the block's rows, which is bit-identical to the whole product for
+# blocks of at least 256 rows (tests/test_pipeline.py checks it on this BLAS).
+
+
+def delta_rows(delta: Delta, start: int, stop: int) -> Delta:
+    """The part of ``delta`` acting on rows ``start:stop`` of the stored weight.
+
+    ``fold_weight(W[start:stop], delta_rows(d, start, stop))`` is
+    ``fold_weight(W, d)[start:stop]``. A linear weight's rows are output features (rows of
+    B, of ΔW, of an output scaling); a conv1d or embedding weight is stored transposed, so
+    its rows are input features (columns of A, of ΔW, of a feed-forward scaling).
+    """
+    rows = slice(start, stop)
+    linear = delta.layout == "linear"
+    if isinstance(delta, LoraDelta):
+        if linear:
+            return LoraDelta(A=delta.A, B=delta.B[rows], layout=delta.layout)
+        return LoraDelta(A=delta.A[:, rows], B=delta.B, layout=delta.layout)
+    if isinstance(delta, DenseDelta):
+        return DenseDelta(delta=delta.delta[rows] if linear else delta.delta[:, rows], layout=delta.layout)
+    if isinstance(delta, IA3Delta):
+        along_rows = delta.feedforward != linear  # linear: output scaling; transposed: feed-forward
+        l = (delta.l[rows] if linear else delta.l[:, rows]) if along_rows else delta.l  # noqa: E741
+        return IA3Delta(l=l, feedforward=delta.feedforward, layout=delta.layout)
+    raise TypeError(f"not a LoRA, dense or (IA)³ delta: {type(delta).__name__}")
+
+
+def part_rows(part: PartDelta, start: int, stop: int) -> PartDelta | None:
+    """The part of ``part`` acting on rows ``start:stop`` of its tensor; None when it sets none of them.
+
+    ``fold_part(T[start:stop], part_rows(p, start, stop))`` is ``fold_part(T, p)[start:stop]``.
+    """
+    if not part.rows:
+        return PartDelta(value=part.value[start:stop], add=part.add, role=part.role, saved_module=part.saved_module)
+    inside = [(i, row - start) for i, row in enumerate(part.rows) if start <= row < stop]
+    if not inside:
+        return None
+    import torch
+
+    index = torch.tensor([i for i, _ in inside])
+    return PartDelta(value=part.value.index_select(0, index), rows=tuple(r for _, r in inside), add=part.add,
+                     role=part.role, saved_module=part.saved_module)

@@ -52,6 +52,7 @@ class StreamingSafetensors:
         encoded += b" " * (-len(encoded) % 8)
         self.data_start = 8 + len(encoded)
         self.pending = set(self.specs)
+        self._rows_left: dict[str, int] = {}  # of tensors written in row blocks
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(self.fd, len(encoded).to_bytes(8, "little") + encoded, 0)
@@ -67,6 +68,22 @@ class StreamingSafetensors:
         raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
         _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0])
         self.pending.discard(key)
+
+    def write_rows(self, key: str, start: int, tensor: torch.Tensor) -> None:
+        """Rows ``start:start + len(tensor)`` of ``key``, at their offset: a large tensor written
+        a block at a time (``key`` is complete once every row has been written once)."""
+        dtype, shape = self.specs[key]
+        if (tensor.dtype != dtype or tensor.dim() != len(shape) or tuple(tensor.shape[1:]) != tuple(shape[1:])
+                or not 0 <= start <= start + tensor.shape[0] <= shape[0]):
+            raise ValueError(f"`{key}`: planned {dtype} {list(shape)}, computed rows {start}: of "
+                             f"{tensor.dtype} {list(tensor.shape)}")
+        raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0] + start * row_bytes)
+        left = self._rows_left.get(key, shape[0]) - tensor.shape[0]
+        self._rows_left[key] = left
+        if left == 0:
+            self.pending.discard(key)
 
     def abort(self) -> None:
         """Close without checks, on the way out of a failure (the temp folder goes anyway)."""
@@ -121,6 +138,18 @@ class SafetensorsReader:
             if os.preadv(self.fd, [row], self.data_start + info.offsets[0]) != size:
                 raise OSError("the file is shorter than its header says (truncated while running?)")
         return raw.view(dtype).reshape(len(keys), *shape)
+
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor, in its stored dtype (a large tensor read a block at a
+        time), into the first bytes of ``out`` (a uint8 buffer) when given."""
+        info = self.tensors[key]
+        dtype, shape = TORCH_DTYPES[info.dtype], tuple(info.shape)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        size = (stop - start) * row_bytes
+        raw = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
+        if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0] + start * row_bytes) != size:
+            raise OSError("the file is shorter than its header says (truncated while running?)")
+        return raw.view(dtype).reshape(stop - start, *shape[1:])
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor, in its stored dtype."""
