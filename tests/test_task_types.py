@@ -217,9 +217,10 @@ def test_a_metric_the_task_has_no_evaluation_for_is_a_lint_error(classifier: Pat
 
 
 def test_every_task_metric_has_an_implementation():
-    """tasks.TASKS (what lint accepts) and the evaluator's registry name the same pairs."""
+    """tasks.TASKS (what lint accepts) and the evaluator's registry name the same pairs;
+    `lm_eval` is the harness's own, dispatched before the registry for every task it runs."""
     listed = {(task, metric) for task, (_, metrics) in tasks.TASKS.items() if task != tasks.CAUSAL_LM
-              for metric in metrics}
+              for metric in metrics if metric != "lm_eval"}
     assert listed == set(IMPLEMENTATIONS)
 
 
