@@ -374,7 +374,8 @@ def _part_mismatch(name: str, part, other: tuple[str, tuple] | None, base: BaseI
         what = "rows of width" if part.role == "tokens" else "shape"
         return (f"`{part.tensor}` has {what} {_shape(s for s in shape if s)} in `{name}` but "
                 f"{_shape(s for s in other[1] if s)} in `{other[0]}`")
-    stored = base.weights.get(part.tensor) if base is not None else None
+    stored_name = base.stored_as(part.tensor) if base is not None and part.role != "tokens" else part.tensor
+    stored = base.weights.get(stored_name) if base is not None and stored_name is not None else None
     if stored is None:
         return None
     if part.role == "tokens":
@@ -395,6 +396,9 @@ def _check_tied_embeddings(recipe: ir.Recipe, adapters: Mapping[str, AdapterInfo
     """A delta on a tied embedding acts on the output layer too, once merged or patched in:
     what `merge_and_unload` gives, but not what PEFT's unmerged forward computes."""
     if base is None or not base.config.get("tie_word_embeddings", True):
+        return
+    task = tasks.model_task((info.task_type for info in adapters.values()), base.config)
+    if task not in (tasks.CAUSAL_LM, tasks.SEQ_2_SEQ_LM):  # a classifier has no output layer to share it
         return
     for name, info in adapters.items():
         tied = next((m for m in info.modules.values()

@@ -115,14 +115,29 @@ def wrapper_keys(config: Mapping, tensors: Mapping) -> dict[str, tuple[str, int]
 
 def candidate_parameters(config: Mapping, module: str) -> list[str]:
     """Parameter names of `module` that `target_parameters` selects, as PEFT matches them
-    (`f"{module}.{name}"` equal to an entry or ending with `.<entry>`)."""
+    (`f"{module}.{name}"` equal to an entry or ending with `.<entry>`).
+
+    PEFT matches against the parameters the module has, which metadata does not list. An
+    undotted entry (`gate_up_proj`, as PEFT's `all-linear` writes for Mixtral) would match
+    any module here; expert parameter names are taken to belong to fused expert modules
+    only, which transformers 5 always names `experts`, so the router `mlp.gate` (whose one
+    parameter is `weight`) is not taken to hold `gate_up_proj` too.
+    """
     names = []
     for entry in config.get("target_parameters") or ():
         name = entry.rpartition(".")[2]
         key = f"{module}.{name}"
-        if (key == entry or key.endswith("." + entry)) and name not in names:
-            names.append(name)
+        if not (key == entry or key.endswith("." + entry)) or name in names:
+            continue
+        if is_expert_parameter(name) and module.rpartition(".")[2] != "experts":
+            continue
+        names.append(name)
     return names
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether `name` is one of the fused expert parameters transformers' expert classes register."""
+    return name.removesuffix("_bias") in REGISTRATION_ORDER
 
 
 def _targeted_module(config: Mapping, module: str) -> bool:

@@ -43,6 +43,19 @@ SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
 # Names transformers gives input embeddings, which a tied output layer shares.
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                      "shared.weight")
+# Checkpoint keys that transformers renames when it loads a model, by the model class in the
+# base's `architectures` or its `model_type` (the keys of transformers' own conversion
+# mapping, `transformers.conversion_mapping`): (a pattern of the name in memory, which PEFT
+# uses; what it is on disk). These are the plain renamings of that mapping that reach a
+# tensor an adapter can change; fused experts are peftdsl.experts' business. A test checks
+# every parameter of the models the coverage matrix builds against what `save_pretrained`
+# stores, so that this table cannot drift from transformers unseen.
+CHECKPOINT_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "GPTNeoXForCausalLM": ((r"^lm_head\.", "embed_out."),),
+    "mixtral": ((r"\.mlp\.", ".block_sparse_moe."),),
+}
+# Input embeddings that a seq2seq model's encoder and decoder share with `shared` (T5).
+_SHARED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 # `init_lora_weights` values whose initialisation rewrites the base weight when PEFT loads
 # the adapter (PiSSA and its `pissa_niter_*` variants, CorDA, OLoRA: W − B₀A₀; LoftQ: a
@@ -133,19 +146,31 @@ class BaseInfo:
     files: dict[str, Path] = field(default_factory=dict)  # weight name -> shard
 
     def module_weight(self, module: str) -> TensorInfo | None:
-        return self.weights.get(f"{module}.weight")
+        """The base weight of `module` (a name as the model in memory has it)."""
+        stored = self.stored_as(f"{module}.weight")
+        return self.weights.get(stored) if stored is not None else None
 
-    def stored_as(self, tensor: str, shape: tuple[int, ...]) -> str | None:
-        """The stored tensor that holds `tensor`'s base value: itself, or for the output layer of
-        a model that ties it to its input embeddings (stored once, as the embedding), that
-        embedding; None when the base has no such tensor."""
+    def stored_as(self, tensor: str, shape: tuple[int, ...] | None = None) -> str | None:
+        """The stored tensor that holds `tensor`'s base value (`tensor` named as the model in
+        memory names it): itself; its key on disk where transformers renames it at load
+        (GPT-NeoX's `lm_head` is stored as `embed_out`); or, for the output layer of a model
+        that ties it to its input embeddings (stored once, as the embedding), that embedding,
+        when exactly one input embedding (of `shape`, when given) is stored. None when the
+        base has no such tensor."""
         if tensor in self.weights:
             return tensor
+        for key in (*(self.config.get("architectures") or ()), self.config.get("model_type")):
+            for in_memory, on_disk in CHECKPOINT_RENAMES.get(str(key), ()):
+                renamed = re.sub(in_memory, on_disk, tensor, count=1)
+                if renamed in self.weights:
+                    return renamed
+        if tensor.endswith(_SHARED_EMBEDDINGS) and "shared.weight" in self.weights:
+            return "shared.weight"
         config = self.config.get("text_config") or self.config
         if not tensor.endswith("lm_head.weight") or not config.get("tie_word_embeddings", True):
             return None
         tied = [name for name, info in self.weights.items()
-                if name.endswith(_INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
+                if name.endswith(_INPUT_EMBEDDINGS) and (shape is None or tuple(info.shape) == tuple(shape))]
         return tied[0] if len(tied) == 1 else None
 
 

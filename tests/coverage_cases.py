@@ -302,37 +302,14 @@ FEATURES: tuple[Feature, ...] = (
 _LORA_BIAS_MERGE = Refused("T414", r"output `merged` cannot be merged: `.+\.bias` gets a `lora_bias` delta, but the "
                                    r"base has no such bias")
 
-# Cells refused although their feature is not: PEFT 0.21's `all-linear` on Mixtral also
-# targets the fused experts and the router, with `target_parameters` naming parameters
-# of several modules, whose nesting peftdsl cannot tell apart (I304); a `lora_bias` on a
-# layer without a bias has nothing to merge into (PEFT cannot merge it either), so only the
-# merged output is refused there.
-_NESTED_PARAMETERS = Refused("I304", r"adapter `[ab]`: module `.+` has 1 nested LoRA pair\(s\) but `target_parameters` "
-                                     r"selects 3 of its parameters .*")
-
+# Cells refused although their feature is not: a `lora_bias` on a layer without a bias has
+# nothing to merge into (PEFT cannot merge it either), so only the merged output is refused there.
 REFUSED: Mapping[tuple[str, str], Refused] = {
-    ("mixtral", "all_linear"): _NESTED_PARAMETERS,
-    ("mixtral", "exclude"): _NESTED_PARAMETERS,
     **{(arch.id, "lora_bias"): _LORA_BIAS_MERGE for arch in ARCHS if not set(arch.attention) <= set(arch.biased)},
 }
 
-_TIED_HEAD = ("refused with I307 (`adapter a adapts lm_head, which the base model does not have`): a tied output "
-              "layer is not stored in the checkpoint, so the check does not find its weight; the delta belongs on "
-              "the shared embedding tensor, as PEFT's merge_and_unload puts it")
-_RENAMED_HEAD = ("refused with I307 (`adapter a adapts lm_head, which the base model does not have`): GPT-NeoX "
-                 "stores its output layer as `embed_out.weight`, which transformers 5 loads as `lm_head`; past the "
-                 "check, the merge fails too (R601 `the base model has no tensor named lm_head.weight`)")
-_RENAMED_SAVED_HEAD = ("refused with T414 (`cannot compose lm_head.weight: the base has no lm_head.weight`): GPT-NeoX "
-                       "stores its output layer as `embed_out.weight`, so a saved `lm_head` is taken for a head "
-                       "created at fine-tuning time, which only averages may combine")
-
 # Cells where peftdsl gives a wrong result or fails: strict xfails, each with what goes wrong.
-KNOWN_WRONG: Mapping[tuple[str, str], str] = {
-    **{(arch.id, "lm_head"): _TIED_HEAD for arch in ARCHS if arch.ties and arch.lm_head},
-    **{(arch.id, "tied"): _TIED_HEAD for arch in ARCHS if arch.lm_head},
-    ("gpt_neox", "lm_head"): _RENAMED_HEAD,
-    ("gpt_neox", "modules_to_save"): _RENAMED_SAVED_HEAD,
-}
+KNOWN_WRONG: Mapping[tuple[str, str], str] = {}
 
 # ----------------------------------------------------------------------- cells
 

@@ -292,6 +292,24 @@ def tied_groups(base_dir: Path, stored: Collection[str], task: str | None = None
     no groups; :func:`write_merged`'s ``expect`` check then catches any delta
     aimed at a tensor that is not stored.
     """
+    model = _meta_model(base_dir, task)
+    if model is None:  # no model, no known ties
+        return {}
+    by_parameter: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_parameter.setdefault(id(param), []).append(name)
+    groups: dict[str, tuple[str, ...]] = {}
+    for names in by_parameter.values():
+        if len(names) > 1:
+            groups.update({name: tuple(names) for name in names if name in stored})
+    for name, key in _renamed_on_disk(model, stored).items():  # GPT-NeoX: `lm_head` is stored as `embed_out`
+        groups[key] = tuple(dict.fromkeys((*groups.get(key, (key,)), name)))
+    return groups
+
+
+def _meta_model(base_dir: Path, task: str | None) -> torch.nn.Module | None:
+    """The base's architecture for ``task`` on the meta device (no memory, no weights); None
+    when transformers cannot build it."""
     try:
         import transformers
         from transformers import AutoConfig
@@ -302,17 +320,42 @@ def tied_groups(base_dir: Path, stored: Collection[str], task: str | None = None
         auto = getattr(transformers, tasks.auto_class(task or tasks.CAUSAL_LM))  # T5 ties as a Seq2SeqLM
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = auto.from_config(config)
-    except Exception:  # noqa: BLE001 — no model, no known ties
-        return {}
-    by_parameter: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_parameter.setdefault(id(param), []).append(name)
-    groups: dict[str, tuple[str, ...]] = {}
-    for names in by_parameter.values():
-        if len(names) > 1:
-            groups.update({name: tuple(names) for name in names if name in stored})
-    return groups
+            return auto.from_config(config)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _stored_parts(base_dir: Path, transform: Transform, stored: Collection[str], task: str | None) -> None:
+    """Key the transform's parts by the stored tensor they set, where the base stores it under
+    another name than the model's (a saved `lm_head` of GPT-NeoX sets `embed_out.weight`)."""
+    parts = getattr(transform, "parts", None)
+    if not parts or set(parts) <= set(stored):
+        return
+    model = _meta_model(base_dir, task)
+    for name, key in (_renamed_on_disk(model, stored) if model is not None else {}).items():
+        if name in parts and key not in parts:
+            parts[key] = parts.pop(name)
+
+
+def _renamed_on_disk(model: torch.nn.Module, stored: Collection[str]) -> dict[str, str]:
+    """Parameters stored under another key, by transformers' own reverse conversion (what
+    `save_pretrained` writes): name in memory -> stored key. Only plain renamings (one
+    tensor to one) count; fused experts are peftdsl.runtime.experts' business."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    renamed = {}
+    for name, param in model.named_parameters():
+        if name in stored:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                keys = list(revert_weight_conversion(model, {name: param}))
+        except Exception:  # noqa: BLE001 — a conversion that needs more than one tensor
+            continue
+        if len(keys) == 1 and keys[0] in stored:
+            renamed[name] = keys[0]
+    return renamed
 
 
 def write_merged(
@@ -352,6 +395,7 @@ def write_merged(
     expected = set(expect if expect is not None else getattr(transform, "weight_names", ()))
     groups = tied_groups(base_dir, stored, task) if _may_touch_tied(base_dir, expected, entries) else {}
     _check_expected(expected, stored, groups)
+    _stored_parts(base_dir, transform, stored, task)
     added = _added_parts(getattr(transform, "parts", {}), stored)
     changes, kept = _new_model_class(base_dir, added, task) if added else ({}, None)
     if kept is not None:  # a new model class (a classifier): what it has no parameter for is left out
