@@ -604,7 +604,8 @@ def check_dropped(analysis: Analysis, sink: Sink) -> None:
             shown = ", ".join(f"`{t}`" for t in dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
             sink.emit("T415", f"`svd` extracts LoRA factors of module weights only: {len(dropped)} tensors of the "
                       f"full fine-tune are dropped ({shown})", leaf.span,
-                      help='pass `rest="save"` to keep them whole (as modules_to_save)')
+                      help='pass `rest="save"` to keep them whole (as modules_to_save); `run` says which share '
+                      'of the norm they held')
 
 
 def op_leaves_of(analysis: Analysis) -> list[ir.OpLeaf]:

@@ -91,6 +91,7 @@ class Session:
         self.recipe_sha256 = hashlib.sha256(analysis.recipe.span.source.text.encode("utf-8")).hexdigest()
         self.written: list[str] = []  # outputs complete on disk, in order
         self.rank_summaries: dict[str, str] = {}  # outputs whose ranks `svd(keep=/tol=)` chose
+        self.dropped_summaries: dict[str, list[str]] = {}  # outputs whose `svd` dropped full-fine-tune tensors
         self.analysis = analysis = _checked_experts(analysis, sink)
         self.executor = Executor(analysis.adapters, device=self.device, seed=analysis.recipe.seed,
                                  base=analysis.base)
@@ -136,6 +137,19 @@ class Session:
         task = lower(self.analysis, name)
         with self._task_errors(task, name):
             return self.executor.parts(task)
+
+    def dropped(self, name: str) -> list[str]:
+        """What each `svd` of composition `name` that dropped full-fine-tune tensors left out,
+        with the share of its argument's norm they held (DESIGN §2; lint's T415 names them)."""
+        lines = []
+        for leaf in op_leaves(self.analysis.canonical[name]):
+            with self._task_errors(lower(self.analysis, name), name):
+                share = self.executor.dropped_share(leaf)
+            if share is not None:
+                fraction, tensors = share
+                shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+                lines.append(f"svd dropped {len(tensors)} tensors holding {100 * fraction:.2f}% of ‖x‖_F ({shown})")
+        return lines
 
     def lazy_deltas(self, name: str) -> _LazyDeltas:
         return _LazyDeltas(self, lower(self.analysis, name), name)
@@ -482,6 +496,8 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
         console.print(f"wrote {out.name} -> {out.path}")
         if out.name in session.rank_summaries:
             console.print(f"  {out.name}: {session.rank_summaries[out.name]}")
+        for line in session.dropped(out.name):
+            console.print(f"  {out.name}: {line}")
     if results:
         _report(session, results, selected, report, console)
     console.print(f"done in {time.perf_counter() - started:.1f} s on {session.device}")

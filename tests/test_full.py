@@ -9,6 +9,8 @@ is the tail of its singular values.
 from __future__ import annotations
 
 import json
+import re
+import math
 import warnings
 from pathlib import Path
 
@@ -119,6 +121,26 @@ def test_lora_extraction_is_the_best_rank_k_approximation(world, tmp_path, capsy
         assert torch.allclose(held, ft1[norm], atol=ATOL)
     else:
         assert not saved
+
+
+def test_dropped_tensors_and_their_share_of_the_norm_are_reported(world, tmp_path, capsys):
+    """`svd` of `0.7·ft1 − 0.3·ft2` drops norms and embeddings: the run names them and prints
+    √(Σ‖x_dropped‖² / ‖x‖²), recomputed here from the checkpoints with plain torch."""
+    path = recipe(tmp_path, world, "x: svd(0.7 * ft1 - 0.3 * ft2, rank=2)", "x: out/x", sources=("ft1", "ft2"))
+    assert main(["run", str(path)]) == 0
+    captured = capsys.readouterr()
+    printed = re.sub(r"\s+", " ", captured.out + captured.err)  # rich wraps long lines
+    base, ft1, ft2 = state(world / "base"), state(world / "ft1"), state(world / "ft2")
+    x = {name: 0.7 * (ft1[name] - w0) - 0.3 * (ft2[name] - w0) for name, w0 in base.items()}
+    modules = {n for n, t in base.items() if t.dim() == 2 and n != "model.embed_tokens.weight"}
+    dropped = sorted(set(x) - modules)
+    share = math.sqrt(sum(x[n].double().square().sum() for n in dropped) / sum(t.double().square().sum()
+                                                                                for t in x.values()))
+    match = re.search(r"x: svd dropped (\d+) tensors holding ([\d.]+)% of ‖x‖_F \((.+)\)", printed)
+    assert match, printed
+    assert int(match[1]) == len(dropped)
+    assert float(match[2]) == pytest.approx(100 * share, abs=0.006)
+    assert match[3].startswith(", ".join(dropped[:3]))
 
 
 def test_a_fine_tune_of_another_base_is_refused(world, tmp_path, capsys):

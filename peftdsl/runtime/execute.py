@@ -11,6 +11,7 @@ one chunk, not a whole model. Results come back per module, on the CPU, in float
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -23,7 +24,8 @@ from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, working_bytes
 from peftdsl.operators import OPERATORS, Argument
 from peftdsl.runtime import experts, kernels, ops
 from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta, PartDelta
-from peftdsl.runtime.parts import compute_parts
+from peftdsl.parts import drops_full_parts
+from peftdsl.runtime.parts import compute_parts, dropped_tensors, task_vector_norm2
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 from peftdsl.runtime.values import Dense, Ia3, Lora, Value, dense_of, folded_B
 
@@ -61,6 +63,9 @@ class Executor:
         self.chunk_bytes = chunk_bytes
         self._stack = contextlib.ExitStack()
         self._files: dict[str, object] = {}
+        # ‖x‖² of each `svd` argument that drops a full fine-tune's other tensors, by chunk
+        # (a chunk computed again overwrites itself): for the share of ‖x‖ they held
+        self.kept_norms: dict[ir.OpLeaf, dict[tuple[str, ...], float]] = {}
 
     def __enter__(self) -> Executor:
         return self
@@ -100,6 +105,21 @@ class Executor:
     def parts(self, task: Task) -> dict[str, PartDelta]:
         """The task's tensors beside the factors, composed (peftdsl.runtime.parts)."""
         return compute_parts(self, task.form, task.parts) if task.parts else {}
+
+    def dropped_share(self, leaf: ir.OpLeaf) -> tuple[float, tuple[str, ...]] | None:
+        """For an `svd` that left out a full fine-tune's tensors no LoRA holds (norms, biases,
+        embeddings): the share of its argument's Frobenius norm those tensors carried,
+        √(Σ‖x_dropped‖² / ‖x‖²), and their names. None when it dropped nothing or was not run.
+        Reads the dropped tensors (and the base's) once more; the modules' part of ‖x‖² was
+        summed as they were computed."""
+        if leaf not in self.kept_norms:
+            return None
+        tensors = dropped_tensors(self.adapters, leaf)
+        if not tensors:
+            return None
+        dropped = sum(task_vector_norm2(self, leaf.arg, tensor) for tensor in tensors)
+        total = dropped + sum(self.kept_norms[leaf].values())
+        return (math.sqrt(dropped / total) if total > 0 else 0.0), tensors
 
     def stream(self, task: Task, advance=None) -> Iterator[dict[str, LoraDelta | DenseDelta | IA3Delta]]:
         """The results chunk by chunk, so that a writer can store each and let it go.
@@ -263,6 +283,9 @@ class _Evaluation:
         argument = self._argument(operator.argument, leaf.arg)
         if argument is None:  # no term targets these modules
             return None
+        if isinstance(argument, Dense) and drops_full_parts(leaf):
+            norms = self.executor.kept_norms.setdefault(leaf, {})
+            norms[self.group.modules] = float(argument.delta.double().square().sum())
         return _kernel(operator)(argument, dict(leaf.options), self.context())
 
     def _argument(self, mode: Argument, comb: ir.Combination):

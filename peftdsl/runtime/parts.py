@@ -26,6 +26,22 @@ from peftdsl.runtime.fold import PartDelta
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 
 
+def dropped_tensors(adapters, leaf: ir.OpLeaf) -> tuple[str, ...]:
+    """The full fine-tunes' tensors beside their modules that reach `leaf`'s argument, which
+    an operator that drops them (`svd` without `rest="save"`) leaves out; sorted."""
+    return tuple(sorted({tensor for name in ir.adapter_leaves(leaf.arg) if name in adapters
+                         for tensor, part in adapters[name].parts.items() if part.role == "full"}))
+
+
+def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
+    """‖Σ cᵢ·τᵢ‖² of one full-fine-tune tensor over `comb` (operators applied as for any part)."""
+    shape = next(executor.adapters[name].parts[tensor].shape for name in ir.adapter_leaves(comb)
+                 if tensor in executor.adapters[name].parts)
+    plan = PartPlan(tensor=tensor, mode=TASK, role="full", shape=tuple(shape))
+    value = _PartEvaluation(executor, plan).combination(comb)
+    return float(value.double().square().sum()) if value is not None else 0.0
+
+
 def compute_parts(executor, form: ir.Combination, plans: tuple[PartPlan, ...]) -> dict[str, PartDelta]:
     """Every planned tensor's composed value, keyed by tensor name, on the CPU."""
     return {plan.tensor: _PartEvaluation(executor, plan).result(form) for plan in plans}
