@@ -27,7 +27,11 @@ evicts Python's and torch's libraries, so imports are cold too), falling back to
 fadvise; ``--cold none`` leaves the cache warm.
 
     python bench/scale.py [--scale 0.5] [--repeats 3] [--mergekit-repeats 1] [--no-mergekit]
-                          [--cold fadvise|drop|none] [--keep DIR] [--md FILE]
+                          [--cold fadvise|drop|none] [--keep DIR] [--md FILE] [--world lora|full]
+
+``--world full`` merges three synthetic full fine-tunes instead (``0.5·f0 + 0.3·f1 + 0.2·f2``,
+task arithmetic, mergekit's ``task_arithmetic`` on the same folders); its floor reads the
+four models and writes one.
 """
 
 from __future__ import annotations
@@ -141,6 +145,43 @@ def build_world(root: Path, scale: float) -> dict:
     return world
 
 
+def write_fine_tune(root: Path, name: str, seed: int, signal_rank: int = 32) -> Path:
+    """A synthetic full fine-tune of ``root/base`` in ``root/name`` (same shards and index): every
+    matrix moved by a rank-``signal_rank`` signal plus dense noise, every vector by small noise."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ft, base = root / name, root / "base"
+    if (ft / "done").is_file():
+        return ft
+    shutil.rmtree(ft, ignore_errors=True)
+    ft.mkdir()
+    generator = torch.Generator().manual_seed(seed)
+    for shard in sorted(base.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(shard, "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 — a safe_open handle, not a dict
+                w = handle.get_tensor(key).float()
+                if w.dim() == 2:
+                    rows, cols = w.shape
+                    u = torch.randn(rows, signal_rank, generator=generator) / signal_rank ** 0.5
+                    v = torch.randn(signal_rank, cols, generator=generator) / cols ** 0.5
+                    w += 0.01 * (u @ v) + 1e-4 * torch.randn(rows, cols, generator=generator)
+                else:
+                    w += 1e-3 * torch.randn(w.shape, generator=generator)
+                tensors[key] = w.to(torch.bfloat16)
+        save_file(tensors, str(ft / shard.name), metadata={"format": "pt"})
+        del tensors
+    for side in ("model.safetensors.index.json", "config.json", "generation_config.json"):
+        shutil.copy(base / side, ft / side)
+    (ft / "done").write_text("1")
+    return ft
+
+
+FULL_WEIGHTS = [0.5, 0.3, 0.2]
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     count = 1
     for size in shape:
@@ -156,7 +197,12 @@ from pathlib import Path
 out = Path(sys.argv[1]); out.mkdir(parents=True)
 buffer = bytearray(16 << 20)
 view = memoryview(buffer)
-for source in sys.argv[2:]:
+read_only = [a.removeprefix("read:") for a in sys.argv[2:] if a.startswith("read:")]
+for source in read_only:  # inputs a merge reads but does not rewrite (the fine-tunes of task arithmetic)
+    with open(source, "rb", buffering=0) as src:
+        while src.readinto(buffer):
+            pass
+for source in [a for a in sys.argv[2:] if not a.startswith("read:")]:
     with open(source, "rb", buffering=0) as src, open(out / Path(source).name, "wb", buffering=0) as dst:
         while True:
             n = src.readinto(buffer)
@@ -257,6 +303,8 @@ def main() -> None:
     parser.add_argument("--cold", choices=("fadvise", "drop", "none"), default="fadvise")
     parser.add_argument("--keep", type=Path, default=None, help="build the world in (or reuse it from) this folder")
     parser.add_argument("--md", type=Path, default=None)
+    parser.add_argument("--world", choices=("lora", "full"), default="lora",
+                        help="lora: four LoRAs merged into the base; full: task arithmetic over three full fine-tunes")
     args = parser.parse_args()
     print(f"machine: {C.machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -267,20 +315,30 @@ def main() -> None:
         print(f"world: {world} ({time.perf_counter() - started:.0f} s)", flush=True)
         base = root / "base"
         shards = sorted(base.glob("model-*.safetensors"))
-        inputs = shards + sorted(root.glob("lora*/adapter_model.safetensors"))
+        if args.world == "full":
+            tunes = [write_fine_tune(root, f"ft{i}", seed=30 + i) for i in range(len(FULL_WEIGHTS))]
+            print(f"fine-tunes written ({time.perf_counter() - started:.0f} s)", flush=True)
+            read_only = [f for ft in tunes for f in sorted(ft.glob("model-*.safetensors"))]
+            sources = {f"f{i}": (f"{{path: ft{i}, kind: full}}", w, str(ft)) for i, (ft, w)
+                       in enumerate(zip(tunes, FULL_WEIGHTS, strict=True))}
+        else:
+            read_only = []
+            sources = {f"l{i}": (f"lora{i}", w, f"{base}+{root / f'lora{i}'}") for i, w in enumerate(WEIGHTS)}
+        inputs = shards + read_only + sorted(root.glob("lora*/adapter_model.safetensors"))
         recipe = C.recipe(root, "peftdsl: 1\nbase: base\nadapters:\n"
-                          + "".join(f"  l{i}: lora{i}\n" for i in range(len(WEIGHTS)))
-                          + "compose:\n  merged: " + " + ".join(f"({w}) * l{i}" for i, w in enumerate(WEIGHTS))
+                          + "".join(f"  {name}: {source}\n" for name, (source, _, _) in sources.items())
+                          + "compose:\n  merged: " + " + ".join(f"({w}) * {name}" for name, (_, w, _) in sources.items())
                           + "\noutputs:\n  merged: {path: out/peftdsl, merge: true}\n")
         config = root / "mergekit.yaml"
         config.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: bfloat16\n"
                           "parameters: {normalize: false}\nmodels:\n"
-                          + "".join(f"  - model: {base}+{root / f'lora{i}'}\n    parameters: {{weight: {w}}}\n"
-                                    for i, w in enumerate(WEIGHTS)))
+                          + "".join(f"  - model: {model}\n    parameters: {{weight: {w}}}\n"
+                                    for _, w, model in sources.values()))
         kit = shutil.which("mergekit-yaml") if not args.no_mergekit else None
         cache, kit_out = root / "lora-cache", root / "out" / "mergekit"
         commands = {
-            "floor": [sys.executable, "-c", FLOOR, str(root / "out" / "floor"), *map(str, shards)],
+            "floor": [sys.executable, "-c", FLOOR, str(root / "out" / "floor"), *(f"read:{f}" for f in read_only),
+                      *map(str, shards)],
             "peftdsl": [sys.executable, "-c", PEFTDSL, str(recipe)],
             "mergekit": kit and [kit, str(config), str(kit_out), "--lora-merge-cache", str(cache),
                                  "--lora-merge-dtype", "bfloat16", "--no-cuda", "--quiet", "--no-copy-tokenizer",
@@ -312,8 +370,10 @@ def main() -> None:
                       f"{os.getloadavg()[0]:.1f}", flush=True)
         out_bytes = C.dir_bytes(root / "out" / "peftdsl")
         text = report(runs, world, args, method, out_bytes)
+        what = (f"4 × r{RANK} on 7 projections" if args.world == "lora"
+                else f"task arithmetic over {len(FULL_WEIGHTS)} full fine-tunes (floor: read 4 models, write 1)")
         C.emit(f"merge at the speed of the disk (cpu; --scale {args.scale:g}: {world['params'] / 1e9:.2f} B params, "
-               f"{world['base_bytes'] / 1e9:.2f} GB bf16 in {world['shards']} shards, 4 × r{RANK} on 7 projections; "
+               f"{world['base_bytes'] / 1e9:.2f} GB bf16 in {world['shards']} shards, {what}; "
                f"cache {method}; medians of {args.repeats})", text, args.md)
     finally:
         if args.keep is None:

@@ -510,9 +510,11 @@ def _write_added(tmp: Path, added: Mapping[str, torch.Tensor], dtype: torch.dtyp
 def _may_touch_tied(base_dir: Path, expected: set[str], entries: list[TensorEntry]) -> bool:
     """Whether the deltas could land on tied parameters, so that ties must be looked up.
 
-    Looking them up builds the architecture with transformers (2–3 s of imports).
-    A causal LM ties its word embeddings to its output layer, both vocab×hidden: when
-    every changed tensor is stored and none has the vocabulary's size, none is tied.
+    Looking them up builds the architecture with transformers (2–3 s of imports on an idle
+    machine, far more on a busy one). A causal LM ties its word embeddings to its output
+    layer, both vocab×hidden: when every changed tensor is stored and either none has the
+    vocabulary's size or the config unties them (and no encoder-decoder shares its
+    embeddings), none is tied. A full fine-tune changes every tensor, embeddings included.
     """
     stored = {entry.name: entry for entry in entries}
     if not expected <= stored.keys():
@@ -521,6 +523,9 @@ def _may_touch_tied(base_dir: Path, expected: set[str], entries: list[TensorEntr
         config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True
+    configs = [config, *([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])]
+    if all(c.get("tie_word_embeddings") is False and not c.get("is_encoder_decoder") for c in configs):
+        return False
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if not isinstance(vocab, int):
         return True
