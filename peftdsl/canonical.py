@@ -198,10 +198,10 @@ class _Canonicaliser:
         ok = True
         for keyword in expr.keywords:
             spec = function.keyword(keyword.name)
-            if spec is None or (spec.type == "choice") != isinstance(keyword.value, ir.String):
+            if spec is None or not ir.literal_fits(spec.type, keyword.value):
                 ok = False  # reported by the checker (T406)
                 continue
-            value = keyword.value.value if isinstance(keyword.value, ir.String) else self.of(keyword.value)
+            value = keyword.value.value if isinstance(keyword.value, ir.Literal) else self.of(keyword.value)
             if value is None or isinstance(value, ir.Combination):
                 ok = False
                 continue
@@ -210,6 +210,8 @@ class _Canonicaliser:
                 self.sink.emit("T406", f"`{keyword.name}` {problem}, got {show_number(value)}", keyword.value.span,
                                help=spec.description)
                 ok = False
+                continue
+            if value is False:  # a flag's default: `svd(x, embed=false)` is `svd(x)`
                 continue
             options[keyword.name] = int(value) if spec.type == "int" else value
         for spec in function.keywords:

@@ -27,7 +27,7 @@ from peftdsl.inputs import (
 )
 from peftdsl.ir import adapter_leaves
 from peftdsl.operators import OPERATORS
-from peftdsl.parts import DELTA, drops_full_parts, plan_parts
+from peftdsl.parts import DELTA, drops_full_parts, extracts_embeddings, omitted_tensors, plan_parts
 from peftdsl.spans import Span
 
 if TYPE_CHECKING:
@@ -510,7 +510,7 @@ class KindInference:
         function = OPERATORS.get(expr.func)
         kinds = [self.of(a) for a in expr.args]
         for keyword in expr.keywords:
-            if not isinstance(keyword.value, ir.String):
+            if not isinstance(keyword.value, ir.Literal):
                 self._check_scalar_keyword(keyword)
         if function is None:
             return None
@@ -543,8 +543,8 @@ class KindInference:
                                (f"its arguments: {', '.join(known)}" if known else f"`{expr.func}` takes none"))
             elif keyword.name in given:
                 self.sink.emit("T406", f"argument `{keyword.name}` is given twice", keyword.span)
-            elif (spec.type == "choice") != isinstance(keyword.value, ir.String):
-                need = "a quoted string" if spec.type == "choice" else "a number"
+            elif not ir.literal_fits(spec.type, keyword.value):
+                need = {"choice": "a quoted string", "bool": "`true` or `false`"}.get(spec.type, "a number")
                 self.sink.emit("T406", f"argument `{keyword.name}` must be {need}", keyword.value.span,
                                help=f"one of {', '.join(repr(c) for c in spec.choices)}" if spec.choices else "")
             given.add(keyword.name)
@@ -588,6 +588,7 @@ def check_compositions(analysis: Analysis, sink: Sink, *, use_files: bool = True
             _check_feedforward(analysis, comb, sink)
     check_parts(analysis, sink)
     check_dropped(analysis, sink)
+    check_embedding_extraction(analysis, sink)
     check_outputs(analysis, sink)
     _check_evals(analysis, sink, use_files)
 
@@ -598,14 +599,27 @@ def check_dropped(analysis: Analysis, sink: Sink) -> None:
     for leaf in op_leaves_of(analysis):
         if not drops_full_parts(leaf):
             continue
-        dropped = sorted({t for name in adapter_leaves(leaf.arg) if name in analysis.adapters
-                          for t, p in analysis.adapters[name].parts.items() if p.role == "full"})
+        dropped = omitted_tensors(analysis.adapters, leaf)
         if dropped:
             shown = ", ".join(f"`{t}`" for t in dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
             sink.emit("T415", f"`svd` extracts LoRA factors of module weights only: {len(dropped)} tensors of the "
                       f"full fine-tune are dropped ({shown})", leaf.span,
                       help='pass `rest="save"` to keep them whole (as modules_to_save); `run` says which share '
                       'of the norm they held')
+
+
+def check_embedding_extraction(analysis: Analysis, sink: Sink) -> None:
+    """`svd(…, embed=true)` gives embedding factors that peftdsl writes, merges and evaluates,
+    but does not combine further: it must be a whole composition (T416)."""
+    for name, comb in analysis.canonical.items():
+        for leaf in op_leaves(comb):
+            whole = len(comb.terms) == 1 and comb.terms[0].leaf == leaf and comb.terms[0].coef == 1.0
+            if extracts_embeddings(leaf) and not whole:
+                sink.emit("T416", f"`{name}` combines `svd(…, embed=true)` further: its embedding factors can "
+                          "only be written, merged or evaluated as they are", leaf.span,
+                          help="make the `svd` a composition of its own and use it whole; `embed=true` is "
+                          "not needed for `svd` inside larger expressions")
+                return
 
 
 def op_leaves_of(analysis: Analysis) -> list[ir.OpLeaf]:

@@ -93,6 +93,7 @@ CODES: dict[str, Code] = _codes(
     ("T413", "wrong-argument-kind", E, "a function applied to a kind it does not take"),
     ("T414", "part-not-composable", E, "a saved module, bias or token row a composition cannot set"),
     ("T415", "tensors-dropped", W, "LoRA extraction drops a full fine-tune's tensors that LoRA cannot hold"),
+    ("T416", "embedding-extraction-combined", E, "`svd(…, embed=true)` is combined further instead of used whole"),
     # E: evaluation and sweeps.
     ("E501", "bad-eval", E, "an eval entry that cannot run as written"),
     ("E502", "bad-sweep", E, "a sweep that cannot run as written"),

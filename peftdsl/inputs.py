@@ -41,7 +41,7 @@ _NONLINEAR_FLAGS = {
 }
 SUPPORTED_TYPES = {"LORA": ir.Kind.LORA, "IA3": ir.Kind.IA3}
 # Names transformers gives input embeddings, which a tied output layer shares.
-_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+INPUT_EMBEDDINGS = _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                      "shared.weight")
 # Checkpoint keys that transformers renames when it loads a model, by the model class in the
 # base's `architectures` or its `model_type` (the keys of transformers' own conversion

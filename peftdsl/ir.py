@@ -48,6 +48,23 @@ class String(Node):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Flag(Node):
+    """`true` or `false`, as a keyword argument's whole value (`embed=true`)."""
+
+    value: bool
+
+
+Literal = String | Flag  # a keyword value that is not an expression
+
+
+def literal_fits(keyword_type: str, value: object) -> bool:
+    """Whether a keyword argument's value is what its type takes: a string for a `choice`, a
+    flag for a `bool`, an expression (a number) otherwise."""
+    wanted = {"choice": String, "bool": Flag}.get(keyword_type)
+    return isinstance(value, wanted) if wanted is not None else not isinstance(value, (String, Flag))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Name(Node):
     id: str
 
@@ -67,7 +84,7 @@ class Binary(Node):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Keyword(Node):
     name: str
-    value: Expr | String
+    value: Expr | Literal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,12 +112,14 @@ def walk(expr: Expr):
             stack.extend(reversed([*node.args, *(k.value for k in node.keywords)]))
 
 
-def to_source(expr: Expr | String) -> str:
+def to_source(expr: Expr | Literal) -> str:
     """Print an expression so that parsing the text gives the same IR (fully parenthesised where needed)."""
     if isinstance(expr, Number):
         return repr(expr.value) if expr.value != int(expr.value) or abs(expr.value) >= 1e16 else str(int(expr.value))
     if isinstance(expr, String):
         return f'"{expr.value}"'
+    if isinstance(expr, Flag):
+        return "true" if expr.value else "false"
     if isinstance(expr, Name):
         return expr.id
     if isinstance(expr, Neg):
@@ -245,7 +264,7 @@ class Combination(Node):
 def leaf_text(leaf: Leaf) -> str:
     if isinstance(leaf, AdapterLeaf):
         return leaf.name
-    opts = "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={show_number(v)}" for k, v in leaf.options)
+    opts = "".join(f", {k}={_show_option(v)}" for k, v in leaf.options)
     return f"{leaf.func}({combination_text(leaf.arg)}{opts})"
 
 
@@ -274,3 +293,10 @@ def adapter_leaves(comb: Combination) -> list[str]:
             else:
                 stack.append(term.leaf.arg)
     return list(names)
+
+
+def _show_option(value: object) -> str:
+    """An operator option as the recipe writes it: `"save"`, `true`, `0.5`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else show_number(value)

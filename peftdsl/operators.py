@@ -24,7 +24,7 @@ from peftdsl.numbers import show_number
 @dataclass(frozen=True, slots=True)
 class Keyword:
     name: str
-    type: str  # "int" | "float" | "choice"
+    type: str  # "int" | "float" | "choice" | "bool"
     required: bool = False
     low: float | None = None  # inclusive unless low_open
     high: float | None = None  # inclusive
@@ -40,6 +40,8 @@ class Keyword:
             if value not in self.choices:
                 return f"must be one of {', '.join(repr(c) for c in self.choices)}"
             return None
+        if self.type == "bool":
+            return None if isinstance(value, bool) else "must be `true` or `false`"
         if isinstance(value, str):
             return "must be a number"
         if self.type == "int" and float(value) != int(value):
@@ -151,7 +153,10 @@ OPERATORS: dict[str, Operator] = {
                           description="per module, keep the singular values ≥ tol·σ₁ (at most `rank`)"),
                   Keyword("rest", "choice", choices=("drop", "save"), default="drop",
                           description="a full fine-tune's tensors a LoRA cannot hold (norms, biases, "
-                          "embeddings): dropped (warned), or saved whole as modules_to_save")),
+                          "embeddings): dropped (warned), or saved whole as modules_to_save"),
+                  Keyword("embed", "bool",
+                          description="also extract a full fine-tune's input embeddings as embedding LoRA "
+                          "(`lora_embedding_A/B`) instead of dropping or saving them")),
                  _truncated, Argument.VALUE, "svd",
                  summary="best rank-k approximation of the delta (Eckart–Young)", exclusive=(("keep", "tol"),)),
         Operator("pem", frozenset({Kind.LORA}), Kind.LORA, (), _common_rank, Argument.FACTORS, "pem",

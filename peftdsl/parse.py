@@ -219,7 +219,9 @@ class _Builder:
     def _keyword(self, tree: Tree) -> ir.Keyword:
         name, value = tree.children
         if isinstance(value, Token) and value.type == "STRING":
-            built: ir.Expr | ir.String = ir.String(value=str(value)[1:-1], span=self.span(value))
+            built: ir.Expr | ir.Literal = ir.String(value=str(value)[1:-1], span=self.span(value))
         else:
             built = self.build(value)
+            if isinstance(built, ir.Name) and built.id in ("true", "false"):  # a flag, not a param
+                built = ir.Flag(value=built.id == "true", span=built.span)
         return ir.Keyword(name=str(name), value=built, span=self.span(tree))

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from peftdsl import ir
-from peftdsl.inputs import AdapterInfo, BaseInfo, PartInfo
+from peftdsl.inputs import INPUT_EMBEDDINGS, AdapterInfo, BaseInfo, PartInfo
 from peftdsl.ir import adapter_leaves
 from peftdsl.numbers import show_number
 from peftdsl.operators import OPERATORS, Parts
@@ -81,8 +81,51 @@ def drops_full_parts(leaf: ir.OpLeaf) -> bool:
     return operator is not None and operator.keyword("rest") is not None and dict(leaf.options).get("rest") != "save"
 
 
+def extracts_embeddings(leaf: ir.OpLeaf) -> bool:
+    """Whether an operator leaf turns its argument's full-fine-tune input embeddings into
+    embedding LoRA factors (`svd(x, rank=k, embed=true)`)."""
+    return dict(leaf.options).get("embed") is True
+
+
+def is_input_embedding(tensor: str) -> bool:
+    return tensor.endswith(INPUT_EMBEDDINGS)
+
+
+@dataclass(frozen=True, slots=True)
+class Omitting:
+    """What the operators above a point of a form leave out of a full fine-tune's tensors
+    beside its modules: all of them (`svd` without `rest="save"`), or its input embeddings,
+    which `svd(…, embed=true)` extracts as factors instead."""
+
+    dropping: bool = False
+    extracting: bool = False
+
+    def below(self, leaf: ir.OpLeaf) -> Omitting:
+        return Omitting(self.dropping or drops_full_parts(leaf), self.extracting or extracts_embeddings(leaf))
+
+    def omits(self, tensor: str, part: PartInfo) -> bool:
+        return part.role == "full" and (self.dropping or (self.extracting and is_input_embedding(tensor)))
+
+
+NOTHING_OMITTED = Omitting()
+
+
+def omitted_tensors(adapters: Mapping[str, AdapterInfo], leaf: ir.OpLeaf, *, extracted: bool = False) -> tuple[str, ...]:
+    """The full fine-tunes' tensors beside their modules that reach `leaf`'s argument and that
+    `leaf` itself leaves out: dropped ones, or with `extracted` the embeddings it extracts; sorted."""
+    here = Omitting(drops_full_parts(leaf), extracts_embeddings(leaf))
+    names = set()
+    for name in adapter_leaves(leaf.arg):
+        for tensor, part in (adapters[name].parts.items() if name in adapters else ()):
+            if not here.omits(tensor, part):
+                continue
+            if extracted == (here.extracting and is_input_embedding(tensor)):
+                names.add(tensor)
+    return tuple(sorted(names))
+
+
 def _visible(comb: ir.Combination, adapters: Mapping[str, AdapterInfo],
-             dropping: bool = False) -> set[tuple[str, str]]:
+             omitting: Omitting = NOTHING_OMITTED) -> set[tuple[str, str]]:
     """(adapter, tensor) pairs whose part reaches the result by at least one path."""
     seen: set[tuple[str, str]] = set()
     for term in comb.terms:
@@ -90,9 +133,9 @@ def _visible(comb: ir.Combination, adapters: Mapping[str, AdapterInfo],
         if isinstance(leaf, ir.AdapterLeaf):
             info = adapters.get(leaf.name)
             if info is not None:
-                seen.update((leaf.name, t) for t, p in info.parts.items() if not (dropping and p.role == "full"))
+                seen.update((leaf.name, t) for t, p in info.parts.items() if not omitting.omits(t, p))
         else:
-            seen |= _visible(leaf.arg, adapters, dropping or drops_full_parts(leaf))
+            seen |= _visible(leaf.arg, adapters, omitting.below(leaf))
     return seen
 
 
@@ -102,8 +145,9 @@ def _drops_anything(comb: ir.Combination, adapters: Mapping[str, AdapterInfo]) -
         leaf = term.leaf
         if not isinstance(leaf, ir.OpLeaf):
             continue
-        if drops_full_parts(leaf) and any(p.role == "full" for name in adapter_leaves(leaf.arg)
-                                          if name in adapters for p in adapters[name].parts.values()):
+        here = NOTHING_OMITTED.below(leaf)
+        if any(here.omits(t, p) for name in adapter_leaves(leaf.arg)
+               if name in adapters for t, p in adapters[name].parts.items()):
             return True
         if _drops_anything(leaf.arg, adapters):
             return True

@@ -33,6 +33,7 @@ from peftdsl.errors import (
 )
 from peftdsl.lock import sha256_files
 from peftdsl.check import op_leaves
+from peftdsl.parts import extracts_embeddings
 from peftdsl.lower import adapter_leaves, group_rank, lower, planned_peak
 from peftdsl.numbers import show_point
 from peftdsl.progress import progress
@@ -204,7 +205,7 @@ class Session:
                 config, tensors = write.ia3_adapter_files(self.deltas(out.name), template=template, dtype=dtype)
                 write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force,
                                     card=card)
-            elif selects_ranks(form):  # ranks known only once computed: no header before the data
+            elif selects_ranks(form) or extracts_any_embeddings(form):  # not planned before computing: no header first
                 deltas = self.deltas(out.name)
                 provenance["ranks"] = chosen_ranks(deltas)
                 config, tensors = write.lora_adapter_files(deltas, template=template, dtype=dtype)
@@ -323,6 +324,11 @@ class Session:
             "dtype": dtype,
             "merge": out.merge,
         }
+
+
+def extracts_any_embeddings(form: ir.Combination) -> bool:
+    """Whether an `svd(..., embed=true)` of `form` adds embedding factors outside the plan's groups."""
+    return any(extracts_embeddings(leaf) for leaf in op_leaves(form))
 
 
 def selects_ranks(form: ir.Combination) -> bool:

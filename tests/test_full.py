@@ -143,6 +143,53 @@ def test_dropped_tensors_and_their_share_of_the_norm_are_reported(world, tmp_pat
     assert match[3].startswith(", ".join(dropped[:3]))
 
 
+def test_embed_true_extracts_the_embeddings_as_embedding_lora(world, tmp_path, capsys):
+    """`svd(x, rank=k, embed=true)`: the input embedding's τ becomes PEFT embedding factors whose
+    delta is its best rank-k approximation (plain torch SVD); the rest are dropped as without it."""
+    x = "0.7 * ft1 - 0.3 * ft2"
+    path = recipe(tmp_path, world, f"x: svd({x}, rank=3, embed=true)",
+                  "x: out/x",
+                  sources=("ft1", "ft2"))
+    assert main(["lint", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "model.embed_tokens.weight" not in captured.out + captured.err  # not among the dropped (T415)
+    peftdsl.load(path).run()
+    base, ft1, ft2 = state(world / "base"), state(world / "ft1"), state(world / "ft2")
+    out = tmp_path / "out" / "x"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "model.embed_tokens" in config["target_modules"] or "embed_tokens" in str(config["target_modules"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), out)
+    for name in ("model.embed_tokens", "model.layers.0.self_attn.q_proj"):
+        w = f"{name}.weight"
+        tau = 0.7 * (ft1[w] - base[w]) - 0.3 * (ft2[w] - base[w])
+        U, S, Vh = torch.linalg.svd(tau.double(), full_matrices=False)
+        best = (U[:, :3] * S[:3]) @ Vh[:3]
+        delta = model.get_submodule(f"base_model.model.{name}").get_delta_weight("default").double()
+        assert delta.shape == tau.shape
+        assert torch.allclose(delta, best, atol=1e-5), name
+
+
+def test_embed_true_merged_folds_the_rank_k_embedding(world, tmp_path):
+    path = recipe(tmp_path, world, "x: svd(ft1, rank=2, embed=true)", "x: {path: out/x, merge: true}",
+                  sources=("ft1",))
+    peftdsl.load(path).run()
+    base, ft1, got = state(world / "base"), state(world / "ft1"), state(tmp_path / "out" / "x")
+    w = "model.embed_tokens.weight"
+    U, S, Vh = torch.linalg.svd((ft1[w] - base[w]).double(), full_matrices=False)
+    assert torch.allclose(got[w], base[w] + ((U[:, :2] * S[:2]) @ Vh[:2]).float(), atol=ATOL)
+    assert torch.equal(got["model.norm.weight"], base["model.norm.weight"])  # dropped: the base's
+
+
+def test_embed_true_must_be_a_whole_composition(world, tmp_path, capsys):
+    path = recipe(tmp_path, world, "e: svd(ft1, rank=2, embed=true)\nmix: 0.5 * e + 0.5 * lora", "mix: out/mix",
+                  sources=("ft1", "lora"))
+    assert main(["lint", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "error[T416]" in captured.out + captured.err
+
+
 def test_a_fine_tune_of_another_base_is_refused(world, tmp_path, capsys):
     path = recipe(tmp_path, world, "x: 0.5 * other", "x: {path: out/x, merge: true}", sources=("other",))
     assert main(["lint", "--format", "concise", str(path)]) == 1

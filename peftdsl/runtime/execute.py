@@ -25,7 +25,7 @@ from peftdsl.operators import OPERATORS, Argument
 from peftdsl.runtime import experts, kernels, ops
 from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta, PartDelta
 from peftdsl.parts import drops_full_parts
-from peftdsl.runtime.parts import compute_parts, dropped_tensors, task_vector_norm2
+from peftdsl.runtime.parts import compute_parts, dropped_tensors, extract_embeddings, task_vector_norm2
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 from peftdsl.runtime.values import Dense, Ia3, Lora, Value, dense_of, folded_B
 
@@ -100,6 +100,7 @@ class Executor:
         for chunk in self.stream(task, advance):
             results.update(chunk)
         results.update(self.parts(task))
+        results.update(extract_embeddings(self, task.form))
         return dict(sorted(results.items()))
 
     def parts(self, task: Task) -> dict[str, PartDelta]:

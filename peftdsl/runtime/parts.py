@@ -20,25 +20,56 @@ import torch
 from peftdsl import ir
 from peftdsl.errors import InputDataError, InternalError
 from peftdsl.operators import OPERATORS, Parts
-from peftdsl.parts import AFFINE, DELTA, TASK, PartPlan, drops_full_parts
+from peftdsl.parts import (AFFINE, DELTA, NOTHING_OMITTED, TASK, Omitting, PartPlan, drops_full_parts,
+                           extracts_embeddings, omitted_tensors)
 from peftdsl.runtime import ops
-from peftdsl.runtime.fold import PartDelta
+from peftdsl.runtime.fold import LoraDelta, PartDelta
+from peftdsl.runtime.values import Dense, folded_B
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 
 
 def dropped_tensors(adapters, leaf: ir.OpLeaf) -> tuple[str, ...]:
-    """The full fine-tunes' tensors beside their modules that reach `leaf`'s argument, which
-    an operator that drops them (`svd` without `rest="save"`) leaves out; sorted."""
-    return tuple(sorted({tensor for name in ir.adapter_leaves(leaf.arg) if name in adapters
-                         for tensor, part in adapters[name].parts.items() if part.role == "full"}))
+    """The full fine-tunes' tensors beside their modules that `leaf` (an `svd` without
+    `rest="save"`) drops: neither saved nor extracted; sorted."""
+    return omitted_tensors(adapters, leaf) if drops_full_parts(leaf) else ()
 
 
-def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
-    """‖Σ cᵢ·τᵢ‖² of one full-fine-tune tensor over `comb` (operators applied as for any part)."""
+def extract_embeddings(executor, form: ir.Combination) -> dict[str, LoraDelta]:
+    """The embedding LoRA factors of each `svd(…, embed=true)` of `form` (the front end makes
+    it the whole form): per full-fine-tune input embedding τ_E = Σ cᵢ·(Eᵢ − E_base)
+    (vocab × hidden), the best rank-k factors of PEFT's embedding frame, ΔE = (B·A)ᵀ with A
+    r × vocab and B hidden × r, exactly as `svd` computes them for a linear module."""
+    out = {}
+    for term in form.terms:
+        leaf = term.leaf
+        if not isinstance(leaf, ir.OpLeaf) or not extracts_embeddings(leaf):
+            continue
+        for tensor in omitted_tensors(executor.adapters, leaf, extracted=True):
+            tau = _task_vector(executor, leaf.arg, tensor)
+            if tau is None:
+                continue
+            executor.kept_norms.setdefault(leaf, {})[(tensor,)] = float(tau.double().square().sum())
+            module = tensor.removesuffix(".weight")
+            context = ops.Context(seed=executor.seed, modules=(module,), layout="embedding")
+            value = ops.svd(Dense(tau.T.unsqueeze(0).contiguous()), dict(leaf.options), context)
+            r = value.ranks[0] if value.ranks is not None else value.A.shape[1]
+            B = folded_B(value)
+            out[module] = LoraDelta(A=value.A[0, :r].cpu(), B=B[0, :, :r].cpu(), layout="embedding",
+                                    kept=value.kept[0] if value.kept is not None else None)
+    return out
+
+
+def _task_vector(executor, comb: ir.Combination, tensor: str) -> torch.Tensor | None:
+    """Σ cᵢ·τᵢ of one full-fine-tune tensor over `comb` (operators applied as for any part)."""
     shape = next(executor.adapters[name].parts[tensor].shape for name in ir.adapter_leaves(comb)
                  if tensor in executor.adapters[name].parts)
     plan = PartPlan(tensor=tensor, mode=TASK, role="full", shape=tuple(shape))
-    value = _PartEvaluation(executor, plan).combination(comb)
+    return _PartEvaluation(executor, plan).combination(comb)
+
+
+def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
+    """‖Σ cᵢ·τᵢ‖² of one full-fine-tune tensor over `comb`."""
+    value = _task_vector(executor, comb, tensor)
     return float(value.double().square().sum()) if value is not None else 0.0
 
 
@@ -65,20 +96,20 @@ class _PartEvaluation:
         return PartDelta(value=value.cpu(), rows=plan.rows, add=plan.mode == DELTA, role=plan.role,
                          saved_module=plan.saved_module)
 
-    def combination(self, comb: ir.Combination, dropping: bool = False) -> torch.Tensor | None:
-        parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf, dropping)) is not None]
+    def combination(self, comb: ir.Combination, omitting: Omitting = NOTHING_OMITTED) -> torch.Tensor | None:
+        parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf, omitting)) is not None]
         if not parts:
             return None
         return sum(coef * value for coef, value in parts)
 
-    def leaf(self, leaf: ir.Leaf, dropping: bool = False) -> torch.Tensor | None:
+    def leaf(self, leaf: ir.Leaf, omitting: Omitting = NOTHING_OMITTED) -> torch.Tensor | None:
         if isinstance(leaf, ir.AdapterLeaf):
-            return self.term(leaf.name, dropping)
+            return self.term(leaf.name, omitting)
         operator = OPERATORS[leaf.func]
-        dropping = dropping or drops_full_parts(leaf)
+        omitting = omitting.below(leaf)
         if operator.parts is Parts.LINEAR:
-            return self.combination(leaf.arg, dropping)
-        values = [(t.coef, v) for t in leaf.arg.terms if (v := self.leaf(t.leaf, dropping)) is not None]
+            return self.combination(leaf.arg, omitting)
+        values = [(t.coef, v) for t in leaf.arg.terms if (v := self.leaf(t.leaf, omitting)) is not None]
         if not values:
             return None
         shape = values[0][1].shape
@@ -88,10 +119,10 @@ class _PartEvaluation:
         context = ops.Context(seed=self.executor.seed, modules=(self.plan.tensor,), layout="linear")
         return kernel((stacked, weights), dict(leaf.options), context).delta.reshape(shape)
 
-    def term(self, adapter: str, dropping: bool = False) -> torch.Tensor | None:
+    def term(self, adapter: str, omitting: Omitting = NOTHING_OMITTED) -> torch.Tensor | None:
         """One adapter's contribution: its value (affine), its task vector (task) or its delta."""
         part = self.executor.adapters[adapter].parts.get(self.plan.tensor)
-        if part is None or (dropping and part.role == "full"):
+        if part is None or omitting.omits(self.plan.tensor, part):
             return None
         stored = self.executor._read_stack(adapter, [part.key])[0]
         if part.is_delta:
