@@ -14,22 +14,20 @@ import math
 import os
 import re
 import stat
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftdsl import ir
+from peftdsl import ir, safetensors_header
+# A tensor's header entry (dtype, shape, offsets): the one validating reader's type.
+from peftdsl.safetensors_header import Entry as TensorInfo
 
 if TYPE_CHECKING:
     from peftdsl.experts import ExpertSlot
 
 ADAPTER_PREFIX = "base_model.model."
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-               "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 # Variants whose update is not linear in their parameters (or not a delta at all).
 _NONLINEAR_FLAGS = {
@@ -65,13 +63,6 @@ _SHARED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weigh
 # one into a plain LoRA (and records `init_lora_weights: true`). The others (gaussian,
 # eva, orthogonal, mica, true/false) leave the base untouched.
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    offsets: tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,48 +177,21 @@ class InputError(Exception):
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse a safetensors header, checking that every tensor lies inside the file."""
+    """A safetensors file's tensors and metadata, validated as the safetensors library does
+    (peftdsl.safetensors_header); I304 naming the file and what is wrong otherwise."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise InputError("I304", f"`{path.name}` is too short to be a safetensors file")
-            (length,) = struct.unpack("<Q", head)
-            if length > min(size - 8, MAX_HEADER_BYTES):
-                raise InputError("I304", f"`{path.name}` declares a {length}-byte header but the file has "
-                                 f"{size} bytes (truncated or corrupt)")
-            raw = handle.read(length)
+        fd = os.open(path, os.O_RDONLY)
     except OSError as err:
         raise InputError("I304", f"cannot read `{path}`: {err.strerror or err}") from err
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError("I304", f"`{path.name}` has a malformed header ({err})") from err
-    if not isinstance(header, dict):
-        raise InputError("I304", f"`{path.name}` has a malformed header")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - length
-    tensors = {}
-    for key, entry in header.items():
-        tensors[key] = _tensor_info(path, key, entry, data_size)
-    return tensors, metadata
-
-
-def _tensor_info(path: Path, key: str, entry: object, data_size: int) -> TensorInfo:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        assert isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
-        assert isinstance(begin, int) and isinstance(end, int)
-    except (TypeError, KeyError, ValueError, AssertionError) as err:
-        raise InputError("I304", f"`{path.name}`: malformed header entry for `{key}`") from err
-    if not 0 <= begin <= end <= data_size:
-        raise InputError("I304", f"`{path.name}` is truncated: `{key}` lies past the end of the file")
-    count = math.prod(shape)
-    if dtype in DTYPE_SIZES and end - begin != count * DTYPE_SIZES[dtype]:
-        raise InputError("I304", f"`{path.name}` is corrupt: `{key}` is {dtype} {list(shape)} but holds "
-                         f"{end - begin} bytes")
-    return TensorInfo(dtype, shape, (begin, end))
+        header = safetensors_header.read_header(fd)
+    except safetensors_header.HeaderError as err:
+        raise InputError("I304", f"`{path.name}` {err}") from err
+    except OSError as err:
+        raise InputError("I304", f"cannot read `{path}`: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+    return header.tensors, header.metadata
 
 
 # ---------------------------------------------------------------- adapters
@@ -359,11 +323,7 @@ def read_full(name: str, folder: Path, base: BaseInfo | None, *, allow_pickle: b
                          "convert it to safetensors (`save_pretrained(..., safe_serialization=True)`)")
     if not base.weights:
         raise InputError("I304", f"full fine-tune `{name}` needs a safetensors base to be checked against")
-    tensors, where = {}, {}
-    for shard in files:
-        header, _ = read_safetensors_header(shard)
-        tensors.update(header)
-        where.update(dict.fromkeys(header, shard))
+    tensors, where = read_shard_headers(folder, files)
     conv1d = base.config.get("model_type") in _CONV1D_MODEL_TYPES
     modules, parts = {}, {}
     for key in sorted(tensors):
@@ -746,16 +706,43 @@ def base_weight_files(folder: Path) -> list[Path]:
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if path_kind(folder / index) is not None:
-            weight_map = _read_json(folder / index, "I304").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map \
-                    or not all(isinstance(shard, str) for shard in weight_map.values()):
-                raise InputError("I304", f"`{index}` of base model `{folder}` has no `weight_map` of tensor "
-                                 "names to files")
-            return [folder / shard for shard in sorted(set(weight_map.values()))]
+            return sorted(set(_weight_map(folder, index).values()))
         if path_kind(folder / single) is not None:
             return [folder / single]
     raise InputError("I304", f"base model `{folder}` has no weight files",
                      "expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _weight_map(folder: Path, index: str) -> dict[str, Path]:
+    """An index's `weight_map`: tensor name -> the shard that holds it."""
+    weight_map = _read_json(folder / index, "I304").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map \
+            or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise InputError("I304", f"`{index}` of model `{folder}` has no `weight_map` of tensor names to files")
+    return {name: folder / shard for name, shard in weight_map.items()}
+
+
+def read_shard_headers(folder: Path, shards: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, Path]]:
+    """The tensors of a model's safetensors shards and the shard each is read from.
+
+    A sharded checkpoint's index decides, as in transformers: a tensor the index maps to
+    one shard is that shard's copy, never a stale duplicate another shard still holds.
+    A tensor the index does not list is taken from the first shard (in `shards`' order)
+    that holds it. A listed tensor its shard lacks is refused (I304).
+    """
+    index = "model.safetensors.index.json"
+    owners = _weight_map(folder, index) if path_kind(folder / index) is not None else {}
+    tensors: dict[str, TensorInfo] = {}
+    where: dict[str, Path] = {}
+    for shard in shards:
+        for key, info in read_safetensors_header(shard)[0].items():
+            if owners.get(key, shard) == shard and key not in where:
+                tensors[key], where[key] = info, shard
+    missing = sorted(key for key, shard in owners.items() if key not in where)
+    if missing:
+        raise InputError("I304", f"`{index}` of model `{folder}` maps `{missing[0]}` to "
+                         f"`{owners[missing[0]].name}`, which does not hold it")
+    return tensors, where
 
 
 def read_base(folder: Path) -> BaseInfo:
@@ -765,9 +752,5 @@ def read_base(folder: Path) -> BaseInfo:
     shards = base_weight_files(folder)
     if shards[0].suffix == ".bin":
         return BaseInfo(folder, config, {}, {})  # pickled: shapes unknown until run --allow-pickle
-    weights, files = {}, {}
-    for shard in shards:
-        tensors, _ = read_safetensors_header(shard)
-        weights.update(tensors)
-        files.update(dict.fromkeys(tensors, shard))
+    weights, files = read_shard_headers(folder, shards)
     return BaseInfo(folder, config, weights, files)

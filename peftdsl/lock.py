@@ -33,9 +33,14 @@ def sha256_file(path: Path) -> str:
 def sha256_files(paths: list[Path]) -> str:
     """A source's pin: its one file's sha256, or for a sharded model the sha256 of the lines
     `<shard name> <shard sha256>`, in order (a changed, renamed or added shard changes it)."""
-    if len(paths) == 1:
-        return sha256_file(paths[0])
-    lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in paths)
+    return combine_sha256([(p.name, sha256_file(p)) for p in paths])
+
+
+def combine_sha256(digests: list[tuple[str, str]]) -> str:
+    """The pin of files whose (name, sha256) are `digests`, in order (see `sha256_files`)."""
+    if len(digests) == 1:
+        return digests[0][1]
+    lines = "".join(f"{name} {digest}\n" for name, digest in digests)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 

@@ -144,15 +144,37 @@ def _all_leaves(comb: ir.Combination):
             yield from _all_leaves(term.leaf.arg)
 
 
+def _materialises(task: Task, group: Group) -> bool:
+    """Whether computing `group` holds dense d_out×d_in matrices: a dense operator (ties, dare,
+    magnitude_prune…) anywhere in the form, a dense result, or a full fine-tune's task vector
+    (rank 0) among the contributors — even under an `svd` that turns the result into factors."""
+    return _is_dense(task) or any(r == 0 for _, r in group.ranks)
+
+
 def working_bytes(task: Task, group: Group) -> int:
     """Bytes of float32 working memory one module of `group` needs while `task` computes it:
     its inputs and intermediates, with a dense delta per term once anything is dense."""
     out, inn = group.out_features, group.in_features
     if task.kind is Kind.IA3:
         return 2 * sum(out or inn for _ in group.ranks) * 4 + 1
-    if _is_dense(task):
+    if _materialises(task, group):
         return out * inn * 4 * (len(group.ranks) + 3)
     return 4 * sum(r * (out + inn) for _, r in group.ranks) * 4 + 1
+
+
+def modules_per_chunk(per_module: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """How many modules of `per_module` working bytes the executor computes at once: as many as
+    fit its budget, and never fewer than one — a module larger than the budget is computed whole."""
+    return max(1, chunk_bytes // max(per_module, 1))
+
+
+def chunk_peak(task: Task, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """The working bytes of `task`'s largest chunk, as the executor cuts its groups."""
+    peak = 0
+    for group in task.groups:
+        per_module = working_bytes(task, group)
+        peak = max(peak, min(len(group.modules), modules_per_chunk(per_module, chunk_bytes)) * per_module)
+    return peak
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +198,15 @@ def estimate(analysis: Analysis, task: Task, out_bytes: int = 4) -> Estimate:
             continue
         rank = group_rank(task.form, group)
         big_r = sum(r for _, r in group.ranks)
+        dense_flops = g * ((len(group.ranks) + 2) * out * inn * big_r * 2 + 4 * out * inn * min(out, inn))
         if rank is None:  # dense
             written += out * inn * out_bytes * g
-            flops += g * ((len(group.ranks) + 2) * out * inn * big_r * 2 + 4 * out * inn * min(out, inn))
+            flops += dense_flops
         else:
             ranks.add(rank)
             written += rank * (out + inn) * out_bytes * g
-            flops += g * (4 * (out + inn) * big_r * big_r + 10 * big_r**3)
+            flops += dense_flops if _materialises(task, group) else g * (4 * (out + inn) * big_r * big_r
+                                                                          + 10 * big_r**3)
     return Estimate(read, written, flops, peak, tuple(sorted(ranks)))
 
 
@@ -190,7 +214,8 @@ def planned_peak(analysis: Analysis, *, streamed: Iterable[str], held: Iterable[
                  with_base: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, str]:
     """Peak bytes a run needs, and the composition that needs them (docs/recipes.md).
 
-    The executor holds one chunk at a time (at most its budget). A `streamed` task (a LoRA
+    The executor holds one chunk at a time: at most its budget, or one whole module when a
+    module alone needs more (a dense d_out×d_in intermediate cannot be cut). A `streamed` task (a LoRA
     adapter output, written a chunk at a time) holds nothing more; a `held` one (merged and
     (IA)³ outputs, evaluated models) also holds its float32 results; evaluation holds the base.
     """
@@ -200,8 +225,9 @@ def planned_peak(analysis: Analysis, *, streamed: Iterable[str], held: Iterable[
         base_bytes = sum(t.offsets[1] - t.offsets[0] for t in analysis.base.weights.values())
     peak, worst = 0, ""
     for name in dict.fromkeys([*streamed, *held]):
-        est = estimate(analysis, lower(analysis, name))
-        need = min(est.peak_bytes, chunk_bytes) + (est.bytes_written if name in held else 0)
+        task = lower(analysis, name)
+        est = estimate(analysis, task)
+        need = chunk_peak(task, chunk_bytes) + (est.bytes_written if name in held else 0)
         if need > peak:
             peak, worst = need, name
     return peak + base_bytes, worst

@@ -31,7 +31,7 @@ from peftdsl.errors import (
     UntrainedWeights,
     UsageError,
 )
-from peftdsl.lock import sha256_files
+from peftdsl.lock import combine_sha256, sha256_files
 from peftdsl.check import op_leaves
 from peftdsl.parts import extracts_embeddings
 from peftdsl.lower import adapter_leaves, group_rank, lower, planned_peak
@@ -113,8 +113,11 @@ class Session:
             info = self.analysis.adapters.get(adapter.name)
             if info is None:
                 continue
-            digest = (memory_sha256(info) if info.state is not None
-                      else sha256_files(list(info.files) or [info.weights]))
+            try:
+                digest = memory_sha256(info) if info.state is not None else self._files_sha256(info)
+            except OSError as err:  # unreadable, or written while it was hashed
+                self.sink.emit("I304", f"cannot read adapter `{adapter.name}`: {err}", adapter.span)
+                continue
             self.hashes[adapter.name] = digest
             if adapter.sha256 is None and locked:
                 self.sink.emit("I311", f"adapter `{adapter.name}` has no sha256 pin and --locked was given",
@@ -123,6 +126,14 @@ class Session:
                 self.sink.emit("I309", f"adapter `{adapter.name}` does not match its pin: its sha256 is "
                                f"{digest[:12]}…", adapter.span, help="the weights changed since the recipe was "
                                "locked; re-run `peftdsl lock` if the change is intended")
+
+    def _files_sha256(self, info) -> str:
+        """A source's pin, hashed from the readers the run computes from (tensorio.SafetensorsReader):
+        the same open files, so weights replaced after hashing are never read."""
+        files = list(info.files) or [info.weights]
+        if any(f.suffix != ".safetensors" for f in files):  # a pickle: loaded whole, by path
+            return sha256_files(files)
+        return combine_sha256([(f.name, self.executor.reader(f).sha256()) for f in files])
 
     # ------------------------------------------------------------ computing
 

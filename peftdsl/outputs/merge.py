@@ -219,6 +219,14 @@ def _read_entries(source: Path) -> list[TensorEntry]:
     return [TensorEntry(name, source, tuple(t.shape), t.dtype) for name, t in sorted(state.items())]
 
 
+def _indexed(base_dir: Path, sources: list[Path], entries: list[TensorEntry]) -> list[TensorEntry]:
+    """Each tensor once, from the shard the base's index maps it to (inputs.read_shard_headers)."""
+    if sources[0].suffix != ".safetensors":
+        return entries
+    _, where = inputs.read_shard_headers(base_dir, sources)
+    return [entry for entry in entries if where.get(entry.name) == entry.source]
+
+
 def _load_pickle(source: Path) -> dict[str, torch.Tensor]:
     """Only called once the user allowed pickle: :func:`peftdsl.inputs.load_pickled` (weights_only, mmap).
 
@@ -390,7 +398,7 @@ def write_merged(
     check_output_free(Path(target), force)
     out_dtype = as_dtype(dtype)
     sources = base_weight_files(base_dir, allow_pickle=allow_pickle)
-    entries = [entry for source in sources for entry in _read_entries(source)]
+    entries = _indexed(base_dir, sources, [entry for source in sources for entry in _read_entries(source)])
     stored = {entry.name for entry in entries}
     expected = set(expect if expect is not None else getattr(transform, "weight_names", ()))
     groups = tied_groups(base_dir, stored, task) if _may_touch_tied(base_dir, expected, entries) else {}

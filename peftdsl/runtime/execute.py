@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from peftdsl import ir
 from peftdsl.errors import InputDataError, InternalError, UsageError
 from peftdsl.inputs import AdapterInfo, BaseInfo
-from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, working_bytes
+from peftdsl.lower import DEFAULT_CHUNK_BYTES, Group, Task, modules_per_chunk, working_bytes
 from peftdsl.operators import OPERATORS, Argument
 from peftdsl.runtime import experts, kernels, ops
 from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta, PartDelta
@@ -75,6 +75,11 @@ class Executor:
 
     def _shard(self, path):
         """A reader of one weight shard (a full fine-tune's, or the base's), kept open."""
+        return self.reader(path)
+
+    def reader(self, path):
+        """The open reader of one safetensors file, opened once: a source's pin is hashed from
+        it (runner.verify_pins) and its tensors are read from it, so both see the same bytes."""
         if path not in self._files:
             self._files[path] = self._stack.enter_context(SafetensorsReader(path))
         return self._files[path]
@@ -88,7 +93,7 @@ class Executor:
             elif path.suffix == ".bin":  # the front end accepted it: `run --allow-pickle`
                 self._files[adapter] = _PickledFile(path)
             else:
-                self._files[adapter] = self._stack.enter_context(SafetensorsReader(path))
+                self._files[adapter] = self.reader(path)
         return self._files[adapter]
 
     # ------------------------------------------------------------ driving
@@ -144,7 +149,7 @@ class Executor:
 
     def _chunks(self, task: Task, group: Group) -> list[Group]:
         per_module = working_bytes(task, group)
-        size = max(1, self.chunk_bytes // max(per_module, 1))
+        size = modules_per_chunk(per_module, self.chunk_bytes)
         mods = group.modules
         return [Group(mods[i:i + size], group.out_features, group.in_features, group.layout,
                       group.feedforward, group.ranks) for i in range(0, len(mods), size)]

@@ -8,6 +8,7 @@ Both run in constant memory beyond the tensors in hand.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -105,26 +106,63 @@ def _write_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+class FileChanged(OSError):
+    """A weights file was written while peftdsl held it open: what was read is not what was hashed."""
+
+
 class SafetensorsReader:
     """Reads a group's tensors straight into one stacked buffer with `os.preadv`.
 
     No memory map: pages read do not stay in the process's resident memory for the
     whole run, and the group's stack is filled in place instead of copied from views.
-    Offsets come from the header that the front end already validated.
+    The header is read (and validated, peftdsl.safetensors_header) from the same open
+    file as the tensors, and `sha256` hashes that open file: a pin checks the bytes that
+    are computed from. A file replaced by rename after opening is never seen (the open
+    file is the old one); one written in place changes its mtime, which every read
+    checks afterwards (`FileChanged`), so no read ever returns bytes the pin did not cover.
     """
 
     def __init__(self, path):
-        from peftdsl.inputs import read_safetensors_header
+        from peftdsl.safetensors_header import HeaderError, read_header
 
-        self.tensors, _ = read_safetensors_header(path)
+        self.path = Path(path)
         self.fd = os.open(path, os.O_RDONLY)
-        self.data_start = 8 + int.from_bytes(os.pread(self.fd, 8, 0), "little")
+        try:
+            self.identity = _identity(os.fstat(self.fd))
+            header = read_header(self.fd, self.identity[2])
+        except HeaderError as err:
+            os.close(self.fd)
+            raise OSError(f"`{self.path.name}` {err}") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.tensors, self.data_start = header.tensors, header.data_start
+        self._unchanged()
 
     def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
+
+    def sha256(self) -> str:
+        """The sha256 of the open file's bytes, checked unchanged while hashing."""
+        digest = hashlib.sha256()
+        buffer = bytearray(1 << 20)
+        offset = 0
+        while True:
+            n = os.preadv(self.fd, [buffer], offset)
+            if not n:
+                break
+            digest.update(memoryview(buffer)[:n])
+            offset += n
+        self._unchanged()
+        return digest.hexdigest()
+
+    def _unchanged(self) -> None:
+        if _identity(os.fstat(self.fd)) != self.identity:
+            raise FileChanged(f"`{self.path.name}` changed while peftdsl was reading it (written in place during "
+                              "the run)")
 
     def read_stacked(self, keys: list[str]) -> torch.Tensor:
         infos = [self.tensors[key] for key in keys]
@@ -137,6 +175,7 @@ class SafetensorsReader:
         for row, info in zip(raw.numpy(), infos):
             if os.preadv(self.fd, [row], self.data_start + info.offsets[0]) != size:
                 raise OSError("the file is shorter than its header says (truncated while running?)")
+        self._unchanged()
         return raw.view(dtype).reshape(len(keys), *shape)
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,6 +188,7 @@ class SafetensorsReader:
         raw = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
         if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0] + start * row_bytes) != size:
             raise OSError("the file is shorter than its header says (truncated while running?)")
+        self._unchanged()
         return raw.view(dtype).reshape(stop - start, *shape[1:])
 
     def read(self, key: str) -> torch.Tensor:
@@ -159,7 +199,14 @@ class SafetensorsReader:
         raw = torch.empty(size, dtype=torch.uint8)
         if size and os.preadv(self.fd, [raw.numpy()], self.data_start + info.offsets[0]) != size:
             raise OSError("the file is shorter than its header says (truncated while running?)")
+        self._unchanged()
         return raw.view(dtype).reshape(info.shape)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when an open file is written: its mtime (or its size). Not its ctime, which
+    also moves when the file is renamed over or unlinked — harmless, the open file stays whole."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
