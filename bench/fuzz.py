@@ -598,6 +598,263 @@ def run_sample(ws: Workspace, count: int, seed: int, *, case_limit: float) -> li
     return outcomes
 
 
+# ----------------------------------------------------------------------- hostile safetensors headers
+#
+# A valid adapter's weights file, mutated at the header (offsets, dtypes, shapes, names,
+# `__metadata__`, the declared length, the JSON text itself) and at the bytes around it,
+# then linted. Besides the common oracle (no traceback, no internal error, status 0 or
+# 1), the safetensors library is the reference: a file it refuses must be refused (exit 1,
+# error[I304] naming the file). `header_cases` is the generator `fuzz()` registers;
+# `header_fuzz` runs this surface alone, through the CLI and the API.
+
+HEADER_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "F8_E8M0",
+                 "F4", "F6_E2M3", "C64", "U16", "f32", "", "F17", None, 4, ["F32"]]
+HEADER_NUMBERS = [0, 1, -1, 2, 7, 8, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30, 1.5, -0.0, True,
+                  None, "8", [8], float("nan")]
+
+
+def _header_parts(raw: bytes) -> tuple[dict, bytes]:
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def _header_file(header_text: bytes, data: bytes, length: int | None = None) -> bytes:
+    return (len(header_text) if length is None else length).to_bytes(8, "little") + header_text + data
+
+
+class HeaderMutator:
+    """Seeded mutations of a safetensors file; each returns new file bytes."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.operators = [self.offsets, self.offsets, self.dtype, self.shape, self.shape, self.field, self.name,
+                          self.metadata, self.metadata, self.duplicate, self.length, self.length, self.data,
+                          self.text_flip, self.nesting, self.constants]
+
+    def mutate(self, raw: bytes) -> tuple[bytes, list[str]]:
+        names = []
+        for _ in range(self.rng.choice((1, 1, 1, 2, 3))):
+            op = self.rng.choice(self.operators)
+            try:
+                raw = op(raw)
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # not JSON any more: skip
+                continue
+            names.append(op.__name__)
+        return raw, names
+
+    def _entry(self, header: dict) -> str:
+        keys = [k for k in header if k != "__metadata__"]
+        return self.rng.choice(keys) if keys else "__none__"
+
+    def _number(self, old):
+        roll = self.rng.random()
+        if roll < 0.4 and isinstance(old, int) and not isinstance(old, bool):
+            return old + self.rng.choice((-8, -4, -2, -1, 1, 2, 4, 8, 64))
+        return self.rng.choice(HEADER_NUMBERS)
+
+    def _rewrite(self, raw: bytes, edit) -> bytes:
+        header, data = _header_parts(raw)
+        header = edit(header)
+        return _header_file(json.dumps(header).encode(), data)
+
+    def offsets(self, raw: bytes) -> bytes:
+        def edit(h):
+            key = self._entry(h)
+            entry = dict(h.get(key) or {})
+            offsets = list(entry.get("data_offsets") or [0, 0])
+            roll = self.rng.random()
+            if roll < 0.15:
+                offsets.reverse()
+            elif roll < 0.25:
+                offsets = offsets[: self.rng.choice((0, 1))] + ([] if self.rng.random() < 0.5 else [0, 0])
+            else:
+                i = self.rng.randrange(2) if len(offsets) == 2 else 0
+                offsets[i:i + 1] = [self._number(offsets[i] if offsets else 0)]
+            entry["data_offsets"] = offsets
+            return {**h, key: entry}
+        return self._rewrite(raw, edit)
+
+    def dtype(self, raw: bytes) -> bytes:
+        return self._rewrite(raw, lambda h: {**h, (k := self._entry(h)): {**(h.get(k) or {}),
+                                                                            "dtype": self.rng.choice(HEADER_DTYPES)}})
+
+    def shape(self, raw: bytes) -> bytes:
+        def edit(h):
+            key = self._entry(h)
+            entry = dict(h.get(key) or {})
+            shape = list(entry.get("shape") or [])
+            roll = self.rng.random()
+            if roll < 0.2 and shape:
+                shape.pop(self.rng.randrange(len(shape)))
+            elif roll < 0.4:
+                shape.insert(self.rng.randrange(len(shape) + 1), self.rng.choice((0, 1, 2, 2**40)))
+            elif roll < 0.5:
+                shape = shape[::-1]
+            elif roll < 0.6:
+                shape = self.rng.choice((None, 4, "4", {"a": 1}, [[4]], [2**33, 2**33, 2**33]))
+            elif shape:
+                i = self.rng.randrange(len(shape))
+                shape[i] = self._number(shape[i])
+            entry["shape"] = shape
+            return {**h, key: entry}
+        return self._rewrite(raw, edit)
+
+    def field(self, raw: bytes) -> bytes:
+        def edit(h):
+            key = self._entry(h)
+            entry = dict(h.get(key) or {})
+            name = self.rng.choice(("dtype", "shape", "data_offsets"))
+            if self.rng.random() < 0.5:
+                entry.pop(name, None)
+            else:
+                entry["extra"] = self.rng.choice((1, "x", None, [1], {"k": "v"}))
+            value = self.rng.choice((entry, entry, None, [], "entry", 7, [entry]))
+            return {**h, key: value}
+        return self._rewrite(raw, edit)
+
+    def name(self, raw: bytes) -> bytes:
+        def edit(h):
+            key = self._entry(h)
+            new = self.rng.choice(("", "__metadata__", "x" * 100_000, "\u0000", "\udc80"[:0] + "é" * 10,
+                                   key + ".lora_A.weight", "base_model.model.x.lora_B.weight", "../" * 50))
+            return {(new if k == key else k): v for k, v in h.items()}
+        return self._rewrite(raw, edit)
+
+    def metadata(self, raw: bytes) -> bytes:
+        value = self.rng.choice(([["format", "pt"]], "pt", 7, None, {"format": 1}, {"format": None},
+                                 {"format": ["pt"]}, {"format": {"a": "b"}}, {"a" * 1000: "b" * 1000},
+                                 {str(i): "v" for i in range(2000)}, {}, {"format": "pt"}))
+        return self._rewrite(raw, lambda h: {**h, "__metadata__": value})
+
+    def duplicate(self, raw: bytes) -> bytes:
+        header, data = _header_parts(raw)
+        keys = list(header)
+        key, donor = self.rng.choice(keys), self.rng.choice(keys)
+        text = json.dumps(header).encode()[:-1] + b", " + json.dumps(key).encode() + b": " \
+            + json.dumps(header[donor]).encode() + b"}"
+        return _header_file(text, data)
+
+    def length(self, raw: bytes) -> bytes:
+        header_len = int.from_bytes(raw[:8], "little")
+        new = self.rng.choice((0, 1, 7, header_len - 1, header_len + 1, header_len + 8, len(raw), len(raw) - 8,
+                               len(raw) - 7, 100_000_000, 100_000_001, 2**63, 2**64 - 1))
+        return max(new, 0).to_bytes(8, "little") + raw[8:]
+
+    def data(self, raw: bytes) -> bytes:
+        roll = self.rng.random()
+        cut = self.rng.randrange(len(raw) + 1)
+        if roll < 0.4:
+            return raw[:cut]
+        if roll < 0.7:
+            return raw + b"\0" * self.rng.choice((1, 4, 8, 4096))
+        return raw[:cut] + raw[cut + self.rng.choice((1, 4, 8)):]
+
+    def text_flip(self, raw: bytes) -> bytes:
+        header_len = int.from_bytes(raw[:8], "little")
+        data = bytearray(raw)
+        if 8 + header_len > len(data) or not header_len:
+            return raw
+        for _ in range(self.rng.choice((1, 1, 2, 5))):
+            i = 8 + self.rng.randrange(header_len)
+            data[i] = self.rng.choice((0, 0x22, 0x2C, 0x5B, 0x5D, 0x7B, 0x7D, 0x80, 0xFF, self.rng.randrange(256)))
+        return bytes(data)
+
+    def nesting(self, raw: bytes) -> bytes:
+        _, data = _header_parts(raw)
+        depth = self.rng.choice((100, 5000, 100_000))
+        text = b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
+        return _header_file(text, data)
+
+    def constants(self, raw: bytes) -> bytes:
+        header, data = _header_parts(raw)
+        text = json.dumps(header).encode()
+        word = self.rng.choice((b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-0", b"1" * 5000))
+        text = re.sub(rb"\d+", word, text, count=self.rng.choice((1, 3)))
+        return _header_file(text, data)
+
+
+HEADER_RECIPE = b"peftdsl: 1\nadapters:\n  a: hdr\n  b: fixtures/lora_r4b\ncompose:\n  m: 0.5 * a + b\n" \
+                b"outputs:\n  m: out/m\n"
+
+
+def _header_target(ws: Workspace) -> tuple[Path, Path, bytes]:
+    """(the folder of the case recipe, the mutated adapter's weights, the valid weights' bytes)."""
+    folder = ws.root / "corpus"
+    adapter = folder / "hdr"
+    if not adapter.exists():
+        adapter.mkdir()
+        source = folder / "fixtures" / "lora_r4"
+        shutil.copy(source / "adapter_config.json", adapter / "adapter_config.json")
+        shutil.copy(source / "adapter_model.safetensors", adapter / "pristine.safetensors")
+    return folder, adapter / "adapter_model.safetensors", (adapter / "pristine.safetensors").read_bytes()
+
+
+def header_cases(ws: Workspace, count: int, seed: int) -> Iterator[Case]:
+    """Lint cases over a mutated adapter file: each writes the file before it is yielded (the
+    caller runs a case before it draws the next), so the common `run_case` lints it."""
+    rng = random.Random(seed + 14)
+    mutator = HeaderMutator(rng)
+    folder, weights, pristine = _header_target(ws)
+    for i in range(count):
+        data, ops = mutator.mutate(pristine) if i % 50 else (pristine, [])
+        weights.write_bytes(data)
+        yield Case(f"s{i}:{'+'.join(ops) or 'valid'}", HEADER_RECIPE, folder, lint_argv(rng))
+
+
+def library_refuses(path: Path) -> bool:
+    """The reference: whether the safetensors library refuses to open `path` and read it whole."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                handle.get_tensor(key)
+            handle.metadata()
+    except Exception:  # noqa: BLE001 - any refusal counts
+        return True
+    return False
+
+
+def _api_outcome(case: Case, refused: bool) -> str | None:
+    """The same case through the Python API: `peftdsl.load` returns, never raises, and has an
+    I304 error when the library refuses the file (`refused`)."""
+    import peftdsl
+
+    path = case.folder / "fuzzcase.yaml"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            recipe = peftdsl.load(path)
+    except BaseException as exc:  # noqa: BLE001 - what the API must never raise
+        return f"API raised {type(exc).__name__}: {str(exc)[:200]}"
+    if refused and not any(d.code == "I304" for d in recipe.errors):
+        return "the API accepted a file the safetensors library refuses"
+    return None
+
+
+def header_fuzz(ws: Workspace, *, cases: int, seed: int, case_limit: float = 30.0, api_every: int = 10,
+                progress: bool = False) -> Summary:
+    """This surface alone: every case through the CLI (lint/explain), every `api_every`-th through
+    the API too, and the library's verdict as the reference for refusals."""
+    summary = Summary()
+    start = time.perf_counter()
+    _, weights, _ = _header_target(ws)
+    for i, case in enumerate(header_cases(ws, cases, seed)):
+        outcome = run_case(case, case_limit=case_limit)
+        refused = library_refuses(weights)
+        if outcome.failure is None and outcome.command.startswith("lint") and "--no-inputs" not in outcome.command \
+                and outcome.status == 0 and refused:
+            outcome.failure = "lint accepted a file the safetensors library refuses"
+        if outcome.failure is None and i % api_every == 0:
+            outcome.failure = _api_outcome(case, refused)
+        summary.add(outcome)
+        if progress and summary.cases % 1000 == 0:
+            print(f"  {summary.cases} header cases, {len(summary.failures)} failures, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
 # ----------------------------------------------------------------------- the report
 
 
@@ -633,7 +890,7 @@ def fuzz(ws: Workspace, *, cases: int, seed: int, runs: int = 0, case_limit: flo
     n_hyp = cases // 10
     generators = [mutation_cases(ws, cases - 2 * n_hyp, seed),
                   hypothesis_cases(ws, n_hyp, seed, "expression"),
-                  hypothesis_cases(ws, n_hyp, seed, "document")]
+                  hypothesis_cases(ws, n_hyp, seed, "document"), header_cases(ws, n_hyp, seed)]
     start = time.perf_counter()
     for generator in generators:
         for case in generator:
