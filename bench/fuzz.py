@@ -637,7 +637,7 @@ class HeaderMutator:
             op = self.rng.choice(self.operators)
             try:
                 raw = op(raw)
-            except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # not JSON any more: skip
+            except (ValueError, KeyError, IndexError, TypeError, OverflowError, RecursionError):  # not JSON: skip
                 continue
             names.append(op.__name__)
         return raw, names
@@ -738,7 +738,7 @@ class HeaderMutator:
         header_len = int.from_bytes(raw[:8], "little")
         new = self.rng.choice((0, 1, 7, header_len - 1, header_len + 1, header_len + 8, len(raw), len(raw) - 8,
                                len(raw) - 7, 100_000_000, 100_000_001, 2**63, 2**64 - 1))
-        return max(new, 0).to_bytes(8, "little") + raw[8:]
+        return min(max(new, 0), 2**64 - 1).to_bytes(8, "little") + raw[8:]
 
     def data(self, raw: bytes) -> bytes:
         roll = self.rng.random()

@@ -309,3 +309,20 @@ def test_a_sharded_full_source_uses_the_indexed_copy(tmp_path):
     info = inputs.read_full("t", tuned, inputs.read_base(base))
     assert info.tensor_files[stale].name == "model-00001-of-00002.safetensors"
     assert all(name in info.tensor_files for name in inputs.read_base(base).weights)
+
+
+# ---------------------------------------------------------------- the fuzz surface, on a fixed seed
+
+
+def test_hostile_headers_never_crash_and_follow_the_library(corpus_root, tmp_path):
+    """bench/fuzz.py's header surface: 150 mutants through lint/explain (and the API), no
+    traceback, status 0 or 1, and every file the safetensors library refuses refused."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import fuzz
+
+    ws = fuzz.build_workspace(tmp_path, fixtures=corpus_root / "fixtures")
+    summary = fuzz.header_fuzz(ws, cases=150, seed=20240601, case_limit=30, api_every=5)
+    assert not summary.failures, [(f.case, f.failure) for f in summary.failures[:5]]
+    assert set(summary.statuses) == {0, 1}
