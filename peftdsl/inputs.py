@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftdsl import ir, safetensors_header
-# A tensor's header entry (dtype, shape, offsets): the one validating reader's type.
 from peftdsl.safetensors_header import Entry as TensorInfo
 
 if TYPE_CHECKING:
