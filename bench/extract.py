@@ -92,7 +92,8 @@ def main() -> None:
     print(f"machine: {C.machine()}")
     print(f"world: {world}")
     recipe = C.recipe(root, f"peftdsl: 1\nname: extract\nbase: {root / 'base'}\nadapters:\n  ft: {{path: {root / 'ft'}, "
-                            f"kind: full}}\ncompose:\n  x: svd(ft, rank={args.rank})\noutputs:\n  x: {root / 'out-peftdsl'}\n")
+                            f"kind: full}}\ncompose:\n  x: svd(ft, rank={args.rank})\noutputs:\n  x: {root / 'out-peftdsl'}\n",
+                      name="extract.yaml")
     inputs = sorted((root / "base").glob("*.safetensors")) + sorted((root / "ft").glob("*.safetensors"))
     mergekit = shutil.which("mergekit-extract-lora") if not args.no_mergekit else None
     runs: dict[str, list[dict]] = {"peftdsl": [], "mergekit": []}
