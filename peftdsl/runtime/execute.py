@@ -162,7 +162,7 @@ class Executor:
         try:
             info = self.adapters[adapter]
             if info.tensor_files:  # a full fine-tune: its keys may lie in several shards
-                stacked = torch.stack([self._shard(info.tensor_files[k]).read_stacked([k])[0] for k in keys])
+                stacked = _stacked([self._shard(info.tensor_files[k]).read_stacked([k]) for k in keys])
             else:
                 stacked = self._file(adapter).read_stacked(keys)
         except (SafetensorError, OSError) as err:
@@ -187,24 +187,31 @@ class Executor:
         """A full fine-tune's task vectors θ − θ_base on a group's modules, in the factor frame."""
         keys = [self.adapters[adapter].modules[m].keys[0] for m in group.modules]
         tuned = self._read_stack(adapter, keys)
-        base = self._read_base_stack(keys)
-        delta = tuned.sub_(base)
+        # subtracted in its stored dtype (the float32 arithmetic happens element by element), so
+        # that a 128k-row lm_head never has a second float32 copy beside τ
+        delta = tuned.sub_(self._read_base_stack(keys))
         return Dense(delta if group.layout == "linear" else delta.transpose(1, 2))
 
     def _read_base_stack(self, keys: list[str]) -> torch.Tensor:
+        """The base's tensors for `keys`, stacked on the device in their stored dtype, checked."""
         if self.base is None:
             raise InternalError("a full fine-tune reached execution without a base")
         try:
-            stacked = torch.stack([self._shard(self.base.files[k]).read_stacked([k])[0] for k in keys])
+            stacked = _stacked([self._shard(self.base.files[k]).read_stacked([k]) for k in keys])
         except (SafetensorError, OSError, KeyError) as err:
             raise InputDataError(f"the base model: cannot read `{keys[0]}` ({err})") from err
         if not all_finite(stacked):
             raise InputDataError(f"the base model's `{keys[0]}` holds NaN or infinite values")
-        return stacked.to(self.device, torch.float32)
+        return stacked.to(self.device)
 
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.adapters[adapter].modules[m] for m in group.modules]
         return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
+
+
+def _stacked(reads: list[torch.Tensor]) -> torch.Tensor:
+    """One-tensor reads (each [1, …]) as one stack; a single read is used as it is, not copied."""
+    return reads[0] if len(reads) == 1 else torch.cat(reads)
 
 
 class _InMemoryFile:
