@@ -115,8 +115,14 @@ class _Canonicaliser:
             return None
         return -value if isinstance(value, float) else self._combine([(-1.0, value)], expr.span)
 
-    def _binary(self, expr: ir.Binary) -> Value:
-        left, right = self.of(expr.left), self.of(expr.right)
+    def _binary(self, chain: ir.Binary) -> Value:
+        spine = ir.left_spine(chain)  # a loop, not a call per term: sums may have thousands
+        value = self.of(spine[-1].left)
+        for expr in reversed(spine):
+            value = self._operator(expr, value, self.of(expr.right))
+        return value
+
+    def _operator(self, expr: ir.Binary, left: Value, right: Value) -> Value:
         if left is None or right is None:
             return None
         if isinstance(left, float) and isinstance(right, float):

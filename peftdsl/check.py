@@ -463,8 +463,14 @@ class KindInference:
     def _neg(self, expr: ir.Neg) -> Kind | None:
         return self.of(expr.operand)
 
-    def _binary(self, expr: ir.Binary) -> Kind | None:
-        left, right = self.of(expr.left), self.of(expr.right)
+    def _binary(self, chain: ir.Binary) -> Kind | None:
+        spine = ir.left_spine(chain)  # a loop, not a call per term: sums may have thousands
+        kind = self.of(spine[-1].left)
+        for expr in reversed(spine):
+            kind = self._operator(expr, kind, self.of(expr.right))
+        return kind
+
+    def _operator(self, expr: ir.Binary, left: Kind | None, right: Kind | None) -> Kind | None:
         if left is None or right is None:  # already reported, or an unreadable input
             return None
         if expr.op in "+-":

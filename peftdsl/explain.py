@@ -46,25 +46,32 @@ def explain(analysis: Analysis) -> str:
 
 
 def typed_tree(analysis: Analysis, expr: ir.Expr) -> list[str]:
-    """The expression as a tree, each node with its kind: the typed IR."""
+    """The expression as a tree, each node with its kind: the typed IR.
+
+    A chain of one precedence level (`a + b - c`) is one node whose operands follow it
+    with their operators, so a sum of thousands of terms prints one line per term, not
+    a staircase; the walk is a loop for the same reason.
+    """
     kinds = KindInference(analysis.recipe, analysis.kinds, Sink())
     lines: list[str] = []
-
-    def visit(node: ir.Expr, prefix: str, last: bool, root: bool) -> None:
+    stack = [(expr, "", "", True, True)]
+    while stack:
+        node, operator, prefix, last, root = stack.pop()
         branch = "" if root else ("└─ " if last else "├─ ")
-        lines.append(f"{prefix}{branch}{_label(node)} : {kinds.of(node) or '?'}")
+        lines.append(f"{prefix}{branch}{operator}{_label(node)} : {kinds.of(node) or '?'}")
         children = _children(node)
         inner = prefix if root else prefix + ("   " if last else "│  ")
-        for i, child in enumerate(children):
-            visit(child, inner, i == len(children) - 1, False)
-
-    visit(expr, "", True, True)
+        for i, (child, op) in reversed(list(enumerate(children))):
+            stack.append((child, op, inner, i == len(children) - 1, False))
     return lines
+
+
+_LEVEL = {"+": "sum", "-": "sum", "*": "product", "/": "product"}
 
 
 def _label(node: ir.Expr) -> str:
     if isinstance(node, ir.Binary):
-        return {"+": "add", "-": "sub", "*": "mul", "/": "div"}[node.op]
+        return _LEVEL[node.op]
     if isinstance(node, ir.Neg):
         return "neg"
     if isinstance(node, ir.Call):
@@ -73,11 +80,15 @@ def _label(node: ir.Expr) -> str:
     return ir.to_source(node)
 
 
-def _children(node: ir.Expr) -> list[ir.Expr]:
+def _children(node: ir.Expr) -> list[tuple[ir.Expr, str]]:
+    """A node's operands, each with the operator written before it (`- b` in `a - b`)."""
     if isinstance(node, ir.Binary):
-        return [node.left, node.right]
+        chain = [node]  # the left operands of the same precedence level
+        while isinstance(chain[-1].left, ir.Binary) and _LEVEL[chain[-1].left.op] == _LEVEL[node.op]:
+            chain.append(chain[-1].left)
+        return [(chain[-1].left, ""), *((n.right, f"{n.op} ") for n in reversed(chain))]
     if isinstance(node, ir.Neg):
-        return [node.operand]
+        return [(node.operand, "")]
     if isinstance(node, ir.Call):
-        return list(node.args)
+        return [(arg, "") for arg in node.args]
     return []

@@ -112,6 +112,15 @@ def walk(expr: Expr):
             stack.extend(reversed([*node.args, *(k.value for k in node.keywords)]))
 
 
+def left_spine(expr: Binary) -> list[Binary]:
+    """`expr` and its left operands while they are binary, top first: a left-associative chain
+    (`a + b + … + z`, thousands of terms) walked with a loop instead of one call per term."""
+    spine = [expr]
+    while isinstance(spine[-1].left, Binary):
+        spine.append(spine[-1].left)
+    return spine
+
+
 def to_source(expr: Expr | Literal) -> str:
     """Print an expression so that parsing the text gives the same IR (fully parenthesised where needed)."""
     if isinstance(expr, Number):
@@ -125,7 +134,11 @@ def to_source(expr: Expr | Literal) -> str:
     if isinstance(expr, Neg):
         return f"-{_atom(expr.operand)}"
     if isinstance(expr, Binary):
-        return f"({to_source(expr.left)} {expr.op} {to_source(expr.right)})"
+        spine = left_spine(expr)
+        text = to_source(spine[-1].left)
+        for node in reversed(spine):
+            text = f"({text} {node.op} {to_source(node.right)})"
+        return text
     args = [to_source(a) for a in expr.args] + [f"{k.name}={to_source(k.value)}" for k in expr.keywords]
     return f"{expr.func}({', '.join(args)})"
 

@@ -23,6 +23,8 @@ from peftdsl.spans import Span
 MAX_DEPTH = 200
 MAX_LENGTH = 20_000
 
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
 _TERMINAL_WORDS = {
     "NAME": "a name",
     "NUMBER": "a number",
@@ -93,13 +95,26 @@ def parse_expression(text: str, scalar: Span, sink: Sink, *, quoted: bool = Fals
     return None if builder.failed else expr  # a number too large to represent (T408)
 
 
+# Operators of one precedence level: a chain of them (`a + b - c`) is one level of nesting.
+_LEVEL = {"add": "sum", "sub": "sum", "mul": "product", "div": "product"}
+
+
 def _depth(tree: Tree) -> int:
-    """Tree depth, computed without recursion (inputs may nest thousands deep)."""
+    """How deep the expression nests, computed without recursion (inputs may nest thousands deep).
+
+    Parentheses, calls, unary operators and changes of precedence nest; the left operand
+    of a left-associative chain does not: `a + b + … + z` is long, not deep, and every
+    later pass walks such a chain with a loop (`ir.left_spine`).
+    """
     deepest, stack = 0, [(tree, 1)]
     while stack:
         node, depth = stack.pop()
         deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+        level = _LEVEL.get(node.data)
+        for i, child in enumerate(node.children):
+            if isinstance(child, Tree):
+                flat = i == 0 and level is not None and _LEVEL.get(child.data) == level
+                stack.append((child, depth if flat else depth + 1))
     return deepest
 
 
@@ -184,21 +199,19 @@ class _Builder:
     def _pos(self, tree: Tree) -> ir.Expr:
         return self.build(tree.children[0])
 
-    def _binary(self, tree: Tree, op: str) -> ir.Expr:
-        left, right = (self.build(c) for c in tree.children)
-        return ir.Binary(op=op, left=left, right=right, span=self.span(tree))
+    def _binary(self, tree: Tree) -> ir.Expr:
+        """A left-associative chain (`a + b - c + …`) built by a loop down its left spine:
+        a flat sum of thousands of terms is long, not deep, and must not recurse per term."""
+        spine = [tree]
+        while isinstance(spine[-1].children[0], Tree) and spine[-1].children[0].data in _BINARY:
+            spine.append(spine[-1].children[0])
+        expr = self.build(spine[-1].children[0])
+        for node in reversed(spine):
+            expr = ir.Binary(op=_BINARY[node.data], left=expr, right=self.build(node.children[1]),
+                             span=self.span(node))
+        return expr
 
-    def _add(self, tree: Tree) -> ir.Expr:
-        return self._binary(tree, "+")
-
-    def _sub(self, tree: Tree) -> ir.Expr:
-        return self._binary(tree, "-")
-
-    def _mul(self, tree: Tree) -> ir.Expr:
-        return self._binary(tree, "*")
-
-    def _div(self, tree: Tree) -> ir.Expr:
-        return self._binary(tree, "/")
+    _add = _sub = _mul = _div = _binary
 
     def _call(self, tree: Tree) -> ir.Expr:
         name, *rest = tree.children

