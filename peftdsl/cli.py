@@ -8,10 +8,13 @@ reported as an internal error. `lint`, `explain` and `schema` never import torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from peftdsl import __version__
@@ -32,16 +35,53 @@ _MARKER = re.compile(r"^peftdsl\s*:", re.MULTILINE)
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    with _sigterm_as_interrupt():
+        try:
+            return args.handler(args)
+        except UsageError as err:
+            print(f"peftdsl: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt as err:
+            return _interrupted(err)
+        except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a message
+            return _internal_error(err)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (`kill`, `docker stop`, a CI timeout) stops a command the way Ctrl-C does: as a
+    KeyboardInterrupt, so every temporary file is removed on the way out and the exit says so.
+    A second SIGTERM while that cleanup runs is ignored (SIGKILL still ends it at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a caller there owns its signals
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return args.handler(args)
-    except UsageError as err:
-        print(f"peftdsl: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("peftdsl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a message
-        return _internal_error(err)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """`peftdsl: interrupted …`, naming the outputs already in place; 130 for Ctrl-C, 143 for SIGTERM."""
+    from peftdsl.errors import Interrupted
+
+    name = err.signal if isinstance(err, Interrupted) else (str(err) or "SIGINT")
+    message = f"peftdsl: interrupted ({name})"
+    if isinstance(err, Interrupted):
+        if err.written:
+            shown = ", ".join(f"`{n}`" + (" (replaced the old one)" if n in err.replaced else "")
+                              for n in err.written)
+            message += f"; already written whole: {shown}; every other output was left as it was"
+        else:
+            message += "; no output was written or replaced"
+    print(message, file=sys.stderr)
+    return 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
 
 
 def _internal_error(err: BaseException) -> int:

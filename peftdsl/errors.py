@@ -61,5 +61,18 @@ class UntrainedWeights(PeftdslError):
                          f"weight(s) that its checkpoint lacks: {shown}{whose}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM (`signal`), knowing which outputs it had put in place.
+
+    A KeyboardInterrupt still, so every cleanup that handles Ctrl-C handles it too.
+    `written` are complete on disk (`replaced` of them took the place of an older
+    output); every other output was left as it was.
+    """
+
+    def __init__(self, signal: str = "SIGINT", written: Sequence[str] = (), replaced: Sequence[str] = ()):
+        super().__init__(signal)
+        self.signal, self.written, self.replaced = signal, tuple(written), tuple(replaced)
+
+
 class InternalError(Exception):
     """A broken invariant inside peftdsl: a bug, never the user's input (so not a PeftdslError)."""

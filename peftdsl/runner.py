@@ -26,6 +26,7 @@ from peftdsl.diagnostics import Diagnostic, Sink
 from peftdsl.errors import (
     EvalDataError,
     InputDataError,
+    Interrupted,
     OutputError,
     RecipeError,
     UntrainedWeights,
@@ -440,12 +441,26 @@ def run(analysis: Analysis, sink: Sink, options: RunOptions, *, allow_pickle: bo
                 say()
                 if sink.has_errors():
                     raise _fail(sink)
-                return _execute(session, options, started, say)
+                with _interruptible(session, analysis, options):
+                    return _execute(session, options, started, say)
         say()
         raise _fail(sink)
     except RecipeError:
         say()
         raise
+
+
+@contextlib.contextmanager
+def _interruptible(session: Session, analysis: Analysis, options: RunOptions):
+    """Ctrl-C or SIGTERM (the CLI raises KeyboardInterrupt for both) becomes `Interrupted`,
+    which says which outputs were already in place and which of those replaced older ones."""
+    existed = {o.name for o in _selected_outputs(analysis, options.only) if o.path.exists()}
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        name = getattr(err, "signal", None) or (str(err) if str(err) else "SIGINT")
+        written = tuple(session.written)
+        raise Interrupted(name, written, [n for n in written if n in existed]) from None
 
 
 def _check_only(analysis: Analysis, only: Sequence[str]) -> None:

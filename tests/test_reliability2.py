@@ -106,3 +106,74 @@ def test_depth_counts_nesting_exactly():
     assert depth("a + (b + c)") == 3 and depth("(a + b) + c") == 2  # the same tree as `a + b + c`
     assert depth("-a") == 2 and depth("--a") == 3
     assert depth("a - (b - (c - d))") == 4
+
+
+# ---------------------------------------------------------------- SIGTERM is an interruption
+
+# The CLI in a child process whose merged output pauses once its temporary folder is full,
+# so the signal lands while an output is half-built, every time.
+_PAUSED_RUN = r"""
+import sys, time
+import peftdsl.outputs.atomic as atomic
+flush = atomic._fsync_tree
+def slow(root):
+    if "out_merged" in str(root):
+        print("paused", flush=True)
+        time.sleep(60)
+    flush(root)
+atomic._fsync_tree = slow
+from peftdsl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _fingerprint(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_cleans_up_and_names_what_was_replaced(corpus_root, tmp_path, signum, status):
+    fx = corpus_root / "fixtures"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nbase: {fx / 'base'}\nadapters:\n  a: {fx / 'lora_r4'}\nparams:\n  lam: 1\n"
+                    "compose:\n  small: lam * a\n  mix: lam * a\n"
+                    "outputs:\n  small: out_small\n  mix: {path: out_merged, merge: true}\n")
+    assert cli("run", str(path), "--quiet")[0] == 0  # the old outputs, at lam = 1
+    old = {name: _fingerprint(tmp_path / name) for name in ("out_small", "out_merged")}
+    env = {k: v for k, v in os.environ.items() if k != "PEFTDSL_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, "run", str(path), "--quiet", "--force",
+                             "--set", "lam=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "paused"
+        assert [p.name for p in tmp_path.glob(".out_merged.peftdsl-tmp-*")], "no output was half-built"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    name = signal.Signals(signum).name
+    assert proc.returncode == status, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert f"interrupted ({name}); already written whole: `small` (replaced the old one)" in err, err
+    assert not [p.name for p in tmp_path.iterdir() if ".peftdsl-" in p.name], "temporary leftovers"
+    assert _fingerprint(tmp_path / "out_merged") == old["out_merged"]  # untouched
+    assert _fingerprint(tmp_path / "out_small") != old["out_small"]  # the new one, whole
+    assert json.loads((tmp_path / "out_small" / "peftdsl.json").read_text())["params"] == {"lam": 2.0}
+
+
+def test_sigterm_before_any_output_says_nothing_was_written(corpus_root, tmp_path):
+    """The handler is in place for the whole command, and restored afterwards."""
+    fx = corpus_root / "fixtures"
+    path = write_recipe(tmp_path, fx / "lora_r4", "  x: 2 * a\n", "  x: out\n")
+    script = ("import os, signal, sys\nimport peftdsl.runner as r\nreal = r._execute\n"
+              "def stop(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a, **k)\n"
+              "r._execute = stop\nfrom peftdsl.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "run", str(path), "--quiet"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 143, proc.stderr
+    assert "interrupted (SIGTERM); no output was written or replaced" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli("lint", str(path))[0] == 0
+    assert signal.getsignal(signal.SIGTERM) is before
