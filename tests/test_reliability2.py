@@ -177,3 +177,67 @@ def test_sigterm_before_any_output_says_nothing_was_written(corpus_root, tmp_pat
     before = signal.getsignal(signal.SIGTERM)
     assert cli("lint", str(path))[0] == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------- cleanup tells live from dead by a lock
+
+# Holds an flock on the folder it is given until its stdin closes: a run writing that
+# folder, from a pid namespace where its pid means nothing to us.
+_HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def _unused_pid() -> int:
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 12345  # above any pid this namespace hands out
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    return pid
+
+
+def test_cleanup_spares_a_live_run_from_another_pid_namespace(tmp_path):
+    from peftdsl.outputs.atomic import atomic_output
+
+    target = tmp_path / "out"
+    live = tmp_path / f".out.peftdsl-tmp-{_unused_pid()}-0a0a0a0a"
+    live.mkdir()
+    (live / "half.safetensors").write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(live)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with atomic_output(target, force=False) as tmp:  # cleans leftovers first
+            (tmp / "f").write_text("f")
+        assert (live / "half.safetensors").read_bytes() == b"being written"  # the pid alone would say dead
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with atomic_output(target, force=True) as tmp:  # its holder is gone now: a dead run's leftover
+        (tmp / "f").write_text("g")
+    assert not live.exists() and (target / "f").read_text() == "g"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_run_holds_its_own_temporary_folder_locked(tmp_path):
+    """While a run writes, another process cannot take its folder's lock; once done, nothing is left."""
+    import fcntl
+
+    from peftdsl.outputs.atomic import atomic_output
+
+    target = tmp_path / "out"
+    with atomic_output(target, force=False) as tmp:
+        probe = subprocess.run([sys.executable, "-c", "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                                "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n"
+                                "    sys.exit(3)\n", str(tmp)], timeout=30)
+        assert probe.returncode == 3  # held
+        (tmp / "f").write_text("f")
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the output in place
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

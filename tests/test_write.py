@@ -10,6 +10,7 @@ seeded, non-zero values, so no comparison is vacuous.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -467,12 +468,17 @@ def test_leftovers_of_killed_runs_are_cleaned(tmp_path):
     dead.mkdir()
     (dead / "half.bin").write_bytes(b"x")
     (tmp_path / ".out.peftdsl-tmp-garbage").mkdir()
-    alive = tmp_path / f".out.peftdsl-tmp-{os.getppid()}-0123abcd"  # a running process still writing
-    alive.mkdir()
+    alive = tmp_path / f".out.peftdsl-tmp-{os.getppid()}-0123abcd"  # a running run still writing: it holds
+    alive.mkdir()                                                     # the folder's flock
     unrelated = tmp_path / ".other.peftdsl-tmp-999999999-deadbeef"
     unrelated.mkdir()
-    with atomic_output(target, force=False) as tmp:
-        (tmp / "f").write_text("f")
+    holder = os.open(alive, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with atomic_output(target, force=False) as tmp:
+            (tmp / "f").write_text("f")
+    finally:
+        os.close(holder)
     assert siblings(target) == [alive.name] and unrelated.exists()
 
 

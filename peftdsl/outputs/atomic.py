@@ -3,7 +3,8 @@
 Every output is built in a temporary folder beside its target and renamed into
 place only when complete (:func:`atomic_output`), so a failed or interrupted run
 never leaves a half-written output, and an existing output survives a failure.
-Leftovers of killed runs are cleaned by the next run. JSON is written with sorted
+Leftovers of killed runs are cleaned by the next run; a run holds an ``flock``
+on its temporary folder, which is how the cleaner tells a live run from a dead one. JSON is written with sorted
 keys and nothing records a time, so identical inputs give byte-identical files.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
@@ -65,8 +67,7 @@ def atomic_output(target: Path, *, force: bool) -> Iterator[Path]:
     clean_leftovers(target)  # first: it may put back an output a killed run had moved aside
     check_output_free(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(target, _TMP_TAG)
-    tmp.mkdir()
+    tmp, lock = _locked_folder(target)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -76,27 +77,33 @@ def atomic_output(target: Path, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def clean_leftovers(target: Path) -> None:
     """Remove temporary folders that killed runs left beside ``target``.
 
-    A folder whose owning process is still alive (its pid is in the name) is
-    another run writing the same target right now and is left alone. If a run
-    died between moving the old output aside and renaming the new one in, the
-    old output is put back: the user never asked to lose it.
+    A folder that another run still holds (an ``flock`` on the folder, taken when
+    it was made) is that run writing the same target right now and is left alone,
+    whichever pid namespace (container) the run lives in. If a run died between
+    moving the old output aside and renaming the new one in, the old output is put
+    back: the user never asked to lose it. A folder is removed while this run holds
+    its lock, so its owner cannot be mistaken for dead and then take it back.
     """
     target = Path(target).absolute()
     if not target.parent.is_dir():
         return
     for kind in (_OLD_TAG, _TMP_TAG):
         for path in sorted(target.parent.glob(f".{target.name}.{kind}-*")):
-            if _owner_alive(path):
-                continue
-            if kind == _OLD_TAG and not (target.exists() or target.is_symlink()):
-                os.rename(path, target)
-            else:
-                _remove(path)
+            with _claimed(path) as dead:
+                if not dead:
+                    continue
+                if kind == _OLD_TAG and not (target.exists() or target.is_symlink()):
+                    os.rename(path, target)
+                else:
+                    _remove(path)
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -104,7 +111,72 @@ def _sibling(target: Path, tag: str) -> Path:
     return target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on ``path``; None when another
+    process holds it; raises OSError where the file system has no flock."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and not path.is_symlink() else 0)
+                 | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _locked_folder(target: Path) -> tuple[Path, int | None]:
+    """A new temporary folder beside ``target``, locked for as long as this run writes it.
+
+    Between ``mkdir`` and ``flock`` a cleaner could take the folder for a dead run's: it
+    removes folders while holding their lock, so a folder that is still ours after we
+    hold the lock is safe; otherwise make another."""
+    while True:
+        tmp = _sibling(target, _TMP_TAG)
+        tmp.mkdir()
+        try:
+            fd = _lock(tmp)
+        except FileNotFoundError:
+            continue  # a cleaner removed it already
+        except OSError:
+            return tmp, None  # no flock here (some network file systems): the pid in the name decides
+        if fd is not None and _same_file(fd, tmp):
+            return tmp, fd
+        if fd is not None:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _claimed(path: Path) -> Iterator[bool]:
+    """Whether ``path`` is a dead run's leftover; while True, this process holds its lock."""
+    try:
+        fd = _lock(path)
+    except FileNotFoundError:
+        yield False  # another cleaner got there first
+        return
+    except OSError:
+        yield not _owner_alive(path)  # no flock on this file system: fall back to the pid
+        return
+    if fd is None:
+        yield False  # a live run holds it
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
 def _owner_alive(path: Path) -> bool:
+    """Where there is no flock: whether the pid in the name is a running process here."""
     match = re.search(r"-(\d+)-[0-9a-f]+$", path.name)
     if match is None:
         return False
@@ -136,13 +208,21 @@ def _put_in_place(tmp: Path, target: Path) -> None:
         _remove(tmp)  # now holds the old output
         return
     old = _sibling(target, _OLD_TAG)
-    os.rename(target, old)
     try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    _remove(old)
+        lock = _lock(target)  # held while the old output is aside, so no cleaner takes it for a leftover
+    except OSError:
+        lock = None
+    try:
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        _remove(old)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _exchange(a: Path, b: Path) -> bool:
