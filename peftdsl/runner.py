@@ -510,6 +510,7 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
     evals = [] if options.no_eval else list(recipe.evals)
     report = _report_dir(options, recipe) if evals else None
     if report is not None:  # a bad report folder is found before, not after, the work
+        _check_report_dir(report, analysis)
         try:
             report.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -661,5 +662,30 @@ def _report(session: Session, results, selected, directory: Path, console) -> No
     recipe = session.analysis.recipe
     swept = [name for name, _ in recipe.sweep.grid] if recipe.sweep else []
     print_table(results, console, swept)
-    written = write_report(directory, recipe.name, results, selected, swept)
+    try:
+        written = write_report(directory, recipe.name, results, selected, swept)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile
+        done = ", ".join(f"`{name}`" for name in session.written)
+        session.sink.emit("R601", f"writing the report to `{directory}` failed: {err.strerror or err}",
+                          recipe.evals[0].span if recipe.evals else recipe.span,
+                          help="the previous report there is unchanged; "
+                          + (f"outputs {done} were written" if done else "no output was written"))
+        raise _fail(session.sink) from None
     console.print(f"report: {written[0].parent}")
+
+
+def _check_report_dir(report: Path, analysis: Analysis) -> None:
+    """`--report` may not be, or lie inside, what the recipe reads or writes (N210's rule for outputs)."""
+    recipe = analysis.recipe
+    places = [(f"adapter `{a.name}`", a.path) for a in recipe.adapters if a.path is not None]
+    places += [("the base model", recipe.base_path)] if recipe.base_path is not None else []
+    places += [(f"the data of eval `{e.name}`", e.data) for e in recipe.evals if e.data is not None]
+    places += [(f"output `{o.name}`", o.path) for o in recipe.outputs]
+    try:
+        folder = report.resolve()
+        clash = next((what for what, path in places if folder.is_relative_to(path.resolve())), None)
+    except (OSError, RuntimeError, ValueError) as err:  # a path no file can have
+        raise UsageError(f"--report: cannot use `{report}`: {err}") from None
+    if clash is not None:
+        raise UsageError(f"--report {report}: that folder is or lies inside {clash}; writing the report there "
+                         "would change what the recipe reads or writes; choose a folder of its own")

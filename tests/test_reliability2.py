@@ -241,3 +241,108 @@ def test_a_run_holds_its_own_temporary_folder_locked(tmp_path):
     finally:
         os.close(fd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------- read-only folders, full disks, reports
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_lock_in_a_really_read_only_folder(corpus_root, tmp_path):
+    """A read-only mount (root ignores permission bits, not a read-only file system)."""
+    with tmpfs(tmp_path / "ro", "1m") as folder:
+        recipe = folder / "r.yaml"
+        text = f"peftdsl: 1\nadapters:\n  a: {corpus_root / 'fixtures' / 'lora_r4'}\ncompose:\n  x: 2 * a\n"
+        recipe.write_text(text)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0
+        status, out = cli("lock", str(recipe))
+        assert status == 1 and "cannot write the pinned recipe" in out and "Read-only file system" in out, out
+        assert recipe.read_text() == text and sorted(p.name for p in folder.iterdir()) == ["r.yaml"]
+
+
+@pytest.fixture(scope="module")
+def eval_base(tmp_path_factory) -> Path:
+    from factories import save_tiny_llama_with_tokenizer
+
+    return save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("evalbase") / "base")
+
+
+def _eval_recipe(folder: Path, base: Path) -> Path:
+    (folder / "t.txt").write_text("the cat sat on the mat\n")
+    path = folder / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nbase: {base}\neval:\n  - name: p\n    models: [base]\n    metric: perplexity\n"
+                    f"    data: t.txt\n")
+    return path
+
+
+def _report_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_report_on_a_full_disk_keeps_the_previous_one(eval_base, tmp_path):
+    path = _eval_recipe(tmp_path, eval_base)
+    with tmpfs(tmp_path / "small", "64k") as report:
+        assert cli("run", str(path), "--quiet", "--report", str(report))[0] == 0
+        before = _report_state(report)
+        assert set(before) == {"report.json", "report.md"}
+        with contextlib.suppress(OSError), (report / "filler").open("wb") as filler:
+            while True:  # take every byte that is left
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        before = _report_state(report)
+        status, text = cli("run", str(path), "--quiet", "--report", str(report))
+        assert status == 1 and "error[R601]" in text and "No space left on device" in text, text
+        assert "the previous report there is unchanged" in text
+        assert _report_state(report) == before  # whole, not truncated; no temporary files
+
+
+def test_a_failed_report_write_does_not_truncate_the_old_one(eval_base, tmp_path, monkeypatch):
+    """Anywhere (no mount needed): the disk fills after report.json, before report.md."""
+    import errno
+
+    import peftdsl.evaluation.report as report_module
+
+    path = _eval_recipe(tmp_path, eval_base)
+    report = tmp_path / "report"
+    (report).mkdir()
+    (report / "notes.txt").write_text("mine")
+    assert cli("run", str(path), "--quiet", "--report", str(report))[0] == 0
+    before = _report_state(report)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report_module, "report_markdown", full)
+    status, text = cli("run", str(path), "--quiet", "--report", str(report))
+    assert status == 1 and "error[R601]" in text and "writing the report" in text, text
+    assert _report_state(report) == before
+    monkeypatch.undo()
+    assert cli("run", str(path), "--quiet", "--report", str(report))[0] == 0
+    assert set(_report_state(report)) == {"notes.txt", "report.json", "report.md"}
+
+
+@pytest.mark.parametrize("where", ["adapter", "base", "data", "output"])
+def test_report_inside_an_input_or_output_is_refused(corpus_root, eval_base, tmp_path, where):
+    fx = corpus_root / "fixtures"
+    path = tmp_path / "recipe.yaml"
+    (tmp_path / "t.txt").write_text("the cat sat\n")
+    path.write_text(f"peftdsl: 1\nbase: {eval_base}\nadapters:\n  a: {fx / 'lora_r4'}\ncompose:\n  x: 2 * a\n"
+                    f"outputs:\n  x: out\neval:\n  - name: p\n    models: [base]\n    metric: perplexity\n"
+                    f"    data: t.txt\n")
+    report = {"adapter": fx / "lora_r4" / "reports", "base": eval_base, "data": tmp_path / "t.txt",
+              "output": tmp_path / "out" / "r"}[where]
+    listing = sorted(p.name for p in (fx / "lora_r4").iterdir())
+    status, text = cli("run", str(path), "--quiet", "--report", str(report))
+    assert status == 2 and "--report" in text and "lies inside" in text, text
+    assert not (tmp_path / "out").exists() and not (fx / "lora_r4" / "reports").exists()
+    assert sorted(p.name for p in (fx / "lora_r4").iterdir()) == listing

@@ -72,17 +72,20 @@ def write_report(
 ) -> list[Path]:
     """Write report.json, report.md and, for a sweep, one PNG per (eval, swept param).
 
-    Returns the paths written, in a stable order.
+    Returns the paths written, in a stable order. Written as outputs are: in a temporary
+    folder, then renamed into place, so a failure (a full disk) leaves the previous report whole.
     """
+    from peftdsl.outputs.atomic import replaced_files
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / "report.json", directory / "report.md"]
-    written[0].write_text(report_json(recipe_name, results, selected), encoding="utf-8")
-    written[1].write_text(report_markdown(recipe_name, results, selected, swept_params), encoding="utf-8")
-    for eval_name in _unique(r.eval for r in results if r.numeric):
-        for param in swept_params:
-            written.append(plot_sweep(directory, [r for r in results if r.eval == eval_name], eval_name, param))
-    return written
+    with replaced_files(directory) as staging:
+        written = [staging / "report.json", staging / "report.md"]
+        written[0].write_text(report_json(recipe_name, results, selected), encoding="utf-8")
+        written[1].write_text(report_markdown(recipe_name, results, selected, swept_params), encoding="utf-8")
+        for eval_name in _unique(r.eval for r in results if r.numeric):
+            for param in swept_params:
+                written.append(plot_sweep(staging, [r for r in results if r.eval == eval_name], eval_name, param))
+    return [directory / path.name for path in written]
 
 
 # ------------------------------------------------------------------------ tables

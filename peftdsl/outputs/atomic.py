@@ -106,6 +106,29 @@ def clean_leftovers(target: Path) -> None:
                     _remove(path)
 
 
+@contextlib.contextmanager
+def replaced_files(folder: Path, tag: str = "report") -> Iterator[Path]:
+    """Yield a locked temporary folder inside ``folder``; on success each file written there
+    replaces its namesake in ``folder``. For a report folder, which may hold other files:
+    a failure (a full disk) removes the temporary files and leaves the previous ones whole;
+    only the renames, which need no space, come after the last byte is written."""
+    folder = Path(folder).absolute()
+    anchor = folder / tag  # temporary folders are named `.<tag>.peftdsl-tmp-…`, cleaned as outputs' are
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(anchor)
+    tmp, lock = _locked_folder(anchor)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(tmp / name, folder / name)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
 def _sibling(target: Path, tag: str) -> Path:
     """``.<name>.<tag>-<pid>-<random>`` in the target's folder."""
     return target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
