@@ -346,3 +346,32 @@ def test_report_inside_an_input_or_output_is_refused(corpus_root, eval_base, tmp
     assert status == 2 and "--report" in text and "lies inside" in text, text
     assert not (tmp_path / "out").exists() and not (fx / "lora_r4" / "reports").exists()
     assert sorted(p.name for p in (fx / "lora_r4").iterdir()) == listing
+
+
+# ---------------------------------------------------------------- eval data that is not text
+
+
+@pytest.mark.parametrize("data, words", [
+    (b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', "2: a string holds a lone UTF-16 surrogate"),
+    (b'{"text": "ok"}\n{"text": "\xed\xa0\x80"}\n', "2: not valid UTF-8"),  # a surrogate encoded raw
+    (b'{"text": "ok"}\n' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"\n", "2: the JSON nests too deeply"),
+])
+def test_jsonl_rows_that_are_not_text_are_e501(eval_base, tmp_path, data, words):
+    (tmp_path / "d.jsonl").write_bytes(data)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"peftdsl: 1\nbase: {eval_base}\neval:\n  - name: p\n    models: [base]\n"
+                    "    metric: perplexity\n    data: d.jsonl\n")
+    status, text = cli("run", str(path), "--quiet", "--report", str(tmp_path / "r"))
+    assert status == 1 and "error[E501]" in text and words in text, text
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_a_line_separator_inside_a_json_string_is_text(tmp_path):
+    """JSONL rows end at \\n: U+2028 and form feeds inside strings do not split a row (they did:
+    str.splitlines broke the row in two, and the halves were "invalid JSON")."""
+    from peftdsl.evaluation.evaluate import _read_jsonl
+
+    rows = [{"text": "the cat\u2028sat\x0con\x85the mat"}, {"text": "two"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                                      encoding="utf-8")
+    assert _read_jsonl(tmp_path / "d.jsonl", None) == [(1, rows[0]), (2, rows[1])]

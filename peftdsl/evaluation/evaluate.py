@@ -123,7 +123,10 @@ def _read_txt(path: Path, limit: int | None) -> list[str]:
 
 def _text(path: Path) -> str:
     """A data file's text; bytes that are not UTF-8 are an error naming the line they are on."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # not the base model's fault: say which file
+        raise EvalDataError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -134,17 +137,23 @@ def _text(path: Path) -> str:
 def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line, so errors can point at the line."""
     rows: list[tuple[int, dict]] = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    # Rows end at "\n" only: U+2028 or a form feed inside a JSON string is text, not a line break.
+    for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         if limit is not None and len(rows) >= limit:
             break
         try:
             row = json.loads(line)
+            # `"\ud800"` is valid JSON but no text: tokenizers refuse a lone surrogate with a TypeError
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as error:
             raise EvalDataError(f"{path}:{number}: invalid JSON: {error.msg}") from None
         except RecursionError:
             raise EvalDataError(f"{path}:{number}: the JSON nests too deeply to read") from None
+        except UnicodeEncodeError:
+            raise EvalDataError(f"{path}:{number}: a string holds a lone UTF-16 surrogate (`\\ud800`…), "
+                                "which is not text") from None
         if not isinstance(row, dict):
             raise EvalDataError(f"{path}:{number}: expected a JSON object")
         rows.append((number, row))
