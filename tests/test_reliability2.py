@@ -170,7 +170,7 @@ def test_sigterm_before_any_output_says_nothing_was_written(corpus_root, tmp_pat
               "def stop(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a, **k)\n"
               "r._execute = stop\nfrom peftdsl.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "run", str(path), "--quiet"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 143, proc.stderr
     assert "interrupted (SIGTERM); no output was written or replaced" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -222,6 +222,16 @@ def test_cleanup_spares_a_live_run_from_another_pid_namespace(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+_TRY_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(3)
+"""
+
+
 def test_a_run_holds_its_own_temporary_folder_locked(tmp_path):
     """While a run writes, another process cannot take its folder's lock; once done, nothing is left."""
     import fcntl
@@ -230,9 +240,7 @@ def test_a_run_holds_its_own_temporary_folder_locked(tmp_path):
 
     target = tmp_path / "out"
     with atomic_output(target, force=False) as tmp:
-        probe = subprocess.run([sys.executable, "-c", "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
-                                "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n"
-                                "    sys.exit(3)\n", str(tmp)], timeout=30)
+        probe = subprocess.run([sys.executable, "-c", _TRY_LOCK, str(tmp)], timeout=30, check=False)
         assert probe.returncode == 3  # held
         (tmp / "f").write_text("f")
     fd = os.open(target, os.O_RDONLY)
@@ -249,7 +257,7 @@ def test_a_run_holds_its_own_temporary_folder_locked(tmp_path):
 @contextlib.contextmanager
 def tmpfs(folder: Path, size: str):
     folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -264,7 +272,7 @@ def test_lock_in_a_really_read_only_folder(corpus_root, tmp_path):
         recipe = folder / "r.yaml"
         text = f"peftdsl: 1\nadapters:\n  a: {corpus_root / 'fixtures' / 'lora_r4'}\ncompose:\n  x: 2 * a\n"
         recipe.write_text(text)
-        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=False).returncode == 0
         status, out = cli("lock", str(recipe))
         assert status == 1 and "cannot write the pinned recipe" in out and "Read-only file system" in out, out
         assert recipe.read_text() == text and sorted(p.name for p in folder.iterdir()) == ["r.yaml"]
@@ -375,3 +383,79 @@ def test_a_line_separator_inside_a_json_string_is_text(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
                                       encoding="utf-8")
     assert _read_jsonl(tmp_path / "d.jsonl", None) == [(1, rows[0]), (2, rows[1])]
+
+
+# ---------------------------------------------------------------- a bad Ray address fails fast
+
+
+@pytest.fixture()
+def no_ray_init(monkeypatch):
+    """`ray.init` must not be reached: it would retry a dead address for a minute or more."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", forbidden)
+    return ray
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again: connecting is refused
+
+
+@pytest.mark.parametrize("address, words", [
+    ("127.0.0.1:{closed}", "no Ray cluster answers there (Connection refused)"),
+    ("ray://127.0.0.1:{closed}", "no Ray cluster answers there (Connection refused)"),
+    ("just-a-name", "expected HOST:PORT"),
+    ("127.0.0.1:99999", "expected HOST:PORT"),
+])
+def test_a_bad_ray_address_is_a_usage_error_in_bounded_time(eval_base, tmp_path, no_ray_init, address, words):
+    path = _eval_recipe(tmp_path, eval_base)
+    started = time.monotonic()
+    status, text = cli("run", str(path), "--quiet", "--executor", "ray", "--address",
+                       address.format(closed=_closed_port()), "--report", str(tmp_path / "r"))
+    assert status == 2 and words in text, text
+    assert "base model" not in text
+    assert time.monotonic() - started < 30  # the probe itself: well under a second
+
+
+def test_a_ray_connection_error_is_not_blamed_on_the_base_model(eval_base, tmp_path, monkeypatch):
+    """Something listens (the probe passes) but it is not Ray: Ray's ConnectionError (an OSError)
+    used to reach the runner's handler for an unloadable base model."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    path = _eval_recipe(tmp_path, eval_base)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        status, text = cli("run", str(path), "--quiet", "--executor", "ray", "--address",
+                           f"127.0.0.1:{server.getsockname()[1]}", "--report", str(tmp_path / "r"))
+    assert status == 2 and "cannot connect to the Ray cluster at" in text and "Could not find" in text, text
+    assert "base model" not in text
+
+
+def test_the_probe_gives_up_after_its_timeout(monkeypatch):
+    from peftdsl.errors import UsageError
+    from peftdsl.evaluation import sweep
+
+    seen = {}
+
+    def silent(address, timeout):
+        seen["timeout"] = timeout
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    with pytest.raises(UsageError, match=r"no Ray cluster answers there \(timed out\)"):
+        sweep.probe_address("10.1.2.3:6379")
+    assert seen["timeout"] == sweep.PROBE_SECONDS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,13 @@ def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
         raise UsageError("--executor ray needs Ray: pip install 'peftdsl[ray]'") from err
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        if address is not None:
+            probe_address(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        except (OSError, RuntimeError, ValueError) as err:  # Ray's ConnectionError is an OSError
+            where = f"the Ray cluster at `{address}`" if address else "a local Ray cluster"
+            raise UsageError(f"--executor ray: cannot connect to {where}: {_first_line(err)}") from None
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     import torch
 
@@ -118,3 +125,34 @@ def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
     jobs = [dataclasses.replace(job, device="cuda" if gpus else "cpu", threads=threads) for job in jobs]
     task = ray.remote(num_gpus=gpus, max_retries=0)(_remote_point)
     return [row for batch in ray.get([task.remote(job) for job in jobs]) for row in batch]
+
+
+PROBE_SECONDS = 5.0  # a cluster's head answers a TCP connect at once; anything slower is not one
+
+
+def probe_address(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """A usage error, within `timeout` seconds, when nothing listens at a Ray `--address`.
+
+    `ray.init` retries an address that does not answer for a minute or more and then
+    raises a ConnectionError; a TCP connect says the same in a fraction of a second.
+    `auto` and `local` are Ray's to resolve.
+    """
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, auto, local)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:  # refused, timed out, unknown host
+        reason = err.strerror or str(err) or type(err).__name__
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({reason}); start one with "
+                         "`ray start --head`, or check the address") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
