@@ -52,6 +52,7 @@ for _p in (REPO, REPO / "tests"):
 FORMATS = ("full", "concise", "json", "github", "sarif")
 ALLOWED_STATUSES = frozenset({0, 1, 2})
 SENTINEL_NAME = "PWNED-by-yaml-tag"
+MAX_CASE_BYTES = 64 << 20  # the largest recipe file peftdsl reads (build.MAX_RECIPE_BYTES)
 
 # ----------------------------------------------------------------------- seeds and workspace
 
@@ -194,7 +195,10 @@ class Mutator:
         names = []
         for _ in range(self.rng.choice((1, 1, 1, 2, 2, 3))):
             op = self.rng.choice(self.operators)
-            data = op(data)
+            mutated = op(data)
+            if len(mutated) > MAX_CASE_BYTES:  # long_name over deep_yaml: 10^5-char names × 50,000 levels
+                continue  # is gigabytes, past the loader's limit: not a case, an OOM of the fuzzer
+            data = mutated
             names.append(op.__name__)
         return data, names
 
@@ -556,6 +560,8 @@ def hypothesis_cases(ws: Workspace, count: int, seed: int, kind: str) -> Iterato
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
+    if count <= 0:  # hypothesis refuses max_examples=0 (`--cases 0`: surfaces only)
+        return
     expressions, documents = strategies()
     drawn: list[bytes] = []
     if kind == "expression":
@@ -854,6 +860,257 @@ def header_fuzz(ws: Workspace, *, cases: int, seed: int, case_limit: float = 30.
     summary.seconds = time.perf_counter() - start
     return summary
 
+# ----------------------------------------------------------------------- surfaces
+#
+# A surface is a generator of cases for one part of the product, run by `fuzz_surfaces`
+# with the same oracle as the lint cases (`run_case`, or `run_api_case` for library
+# calls). Each is one function plus one line in SURFACES.
+
+_HEAD_SOURCES = ["fixtures/head_a", "fixtures/head_b", "fixtures/lora_r4", "fixtures/lora_r4b", "fixtures/ia3"]
+_COEFFICIENTS = ["0.5", "1", "-1", "0.3", "0.7", "2", "0", "1e-30", "1e30", "lam", "(1 - lam)", "-lam", "1e400"]
+
+
+def _linear(rng: random.Random, names: list[str]) -> str:
+    """A weighted sum over `names` (one to four terms), sometimes inside an operator."""
+    terms = [f"{rng.choice(_COEFFICIENTS)} * {rng.choice(names)}" for _ in range(rng.randint(1, 4))]
+    expression = " + ".join(terms) if rng.random() < 0.7 else " - ".join(terms)
+    roll = rng.random()
+    if roll < 0.15:
+        return f"svd({expression}, rank={rng.choice([1, 2, 4, 8, 0, -1, 10**6])})"
+    if roll < 0.25:
+        return f"{rng.choice(['pem', 'peft_linear'])}({expression})"
+    if roll < 0.35:
+        return f"{rng.choice(['ties', 'dare_linear', 'dare_ties', 'magnitude_prune'])}({expression}, " \
+               f"density={rng.choice(['0.5', '0', '1', '1.5', '-0.1', 'lam'])})"
+    return expression
+
+
+def _output_lines(rng: random.Random, names: list[str]) -> list[str]:
+    lines = ["outputs:"]
+    for name in rng.sample(names, rng.randint(1, len(names))):
+        merge = rng.random() < 0.5
+        dtype = rng.choice(["", "float32", "bfloat16", "float16"])
+        body = f"{{path: out/{name}" + (", merge: true" if merge else "") + (f", dtype: {dtype}" if dtype else "") + "}"
+        lines.append(f"  {name}: {body}")
+    return lines
+
+
+def _maybe_mutate(rng: random.Random, mutator: Mutator, text: str) -> tuple[bytes, str]:
+    data = text.encode()
+    if rng.random() < 0.3:
+        op = rng.choice(mutator.operators)
+        return op(data), op.__name__
+    return data, "clean"
+
+
+def _surface_argv(rng: random.Random, ws: Workspace, run_share: float) -> tuple[str, ...]:
+    if rng.random() < run_share:
+        return ("run", "--quiet", "--no-eval", "--force", "--device", "cpu", "--report", str(ws.root / "reports"))
+    return lint_argv(rng)
+
+
+def head_cases(ws: Workspace, count: int, seed: int, run_share: float = 0.05) -> Iterator[Case]:
+    """Recipes over adapters that save `lm_head` (modules_to_save), mixed with plain LoRA and (IA)³:
+    affine and non-affine weights, operators, adapter and merged outputs, a base or none."""
+    rng = random.Random(seed)
+    mutator = Mutator(rng, ws.sentinel)
+    for i in range(count):
+        sources = rng.sample(_HEAD_SOURCES, rng.randint(1, 4))
+        names = [f"s{j}" for j in range(len(sources))]
+        lines = ["peftdsl: 1", f"seed: {rng.randint(0, 3)}"]
+        if rng.random() < 0.8:
+            lines.append("base: fixtures/base")
+        lines += ["adapters:", *(f"  {n}: {p}" for n, p in zip(names, sources, strict=True))]
+        lines += ["params:", f"  lam: {rng.choice(['0.4', '0.5', '1', '-2'])}", "compose:"]
+        comps = [f"c{j}" for j in range(rng.randint(1, 3))]
+        lines += [f"  {c}: {_linear(rng, names + comps[:j])}" for j, c in enumerate(comps)]
+        lines += _output_lines(rng, comps)
+        data, how = _maybe_mutate(rng, mutator, "\n".join(lines) + "\n")
+        yield Case(f"heads{i}:{how}", data, ws.root / "corpus", _surface_argv(rng, ws, run_share))
+
+
+def full_cases(ws: Workspace, count: int, seed: int, run_share: float = 0.05) -> Iterator[Case]:
+    """Full fine-tunes (`kind: full`, detected or declared, true or not) as task vectors beside
+    LoRA: task arithmetic, LoRA extraction with svd(rank/keep/tol/rest), a missing or foreign base."""
+    rng = random.Random(seed)
+    mutator = Mutator(rng, ws.sentinel)
+    for i in range(count):
+        lines = ["peftdsl: 1"]
+        lines.append("base: " + rng.choices(["fixtures/base", "fixtures/gpt2_base", "missing"], [8, 1, 1])[0]
+                     if rng.random() < 0.9 else "seed: 1")
+        full = rng.choice(["fixtures/full_ft", "fixtures/full_ft", "fixtures/lora_r4", "fixtures/base"])
+        kind = rng.choice(["", "", "full", "lora", "dense"])
+        lines += ["adapters:", f"  ft: {{path: {full}" + (f", kind: {kind}" if kind else "") + "}",
+                  "  ft2: fixtures/full_ft", "  lo: fixtures/lora_r4", "params:", "  lam: 0.5", "compose:"]
+        x = _linear(rng, ["ft", "ft2", "lo"])
+        lines.append(f"  task: {x}")
+        options = [f"rank={rng.choice([1, 4, 16, 0])}"]
+        options += rng.sample([f"keep={rng.choice(['0.9', '1', '0', '1.5'])}", f"tol={rng.choice(['0.01', '0', '-1'])}",
+                               f'rest="{rng.choice(["save", "drop", "keep"])}"'], rng.randint(0, 2))
+        lines.append(f"  small: svd(task, {', '.join(options)})")
+        lines += _output_lines(rng, ["task", "small"])
+        data, how = _maybe_mutate(rng, mutator, "\n".join(lines) + "\n")
+        yield Case(f"full{i}:{how}", data, ws.root / "corpus", _surface_argv(rng, ws, run_share))
+
+
+# -- the library, called with hostile arguments
+
+_API_RECIPE = """peftdsl: 1
+base: fixtures/base
+adapters:
+  a: fixtures/lora_r4
+  b: fixtures/lora_r4b
+  h: fixtures/head_a
+  i: fixtures/ia3
+params:
+  lam: 0.4
+compose:
+  mix: a - lam * b
+  small: svd(mix, rank=2)
+  heads: 0.5 * h + 0.5 * a
+  scale: 2 * i
+outputs:
+  small: out/api-small
+  mix: {path: out/api-merged, merge: true}
+"""
+
+
+def _hostile_values(ws: Workspace) -> list:
+    nan, inf = float("nan"), float("inf")
+    return [None, 0, -1, 1, True, 10**400, -10**400, 1e308, nan, inf, -inf, -0.0, "", "\0", "x" * 5000,
+            "mix", "a", "base", "small", "heads", "scale", "lam", "cpu", "cuda", "cuda:99", "tpu", "auto",
+            b"bytes", [], ["mix"], ["nope"], {}, {"lam": nan}, {"lam": inf}, {"lam": 10**400}, {"lam": "0.3"},
+            {"lam": None}, {1: 2.0}, {"nope": 1.0}, {"lam": 0.7}, object(), Path("/dev/zero"), "/etc/passwd",
+            "/proc/self/mem", "/", str(ws.root / "corpus" / "fixtures" / "lora_r4"), "out/api-x",
+            str(ws.root / "corpus" / "out" / "api-saved"), "~nouser/x", 3.5, (1, 2), {"a": None},
+            {"a": {"x": 1}}, {"zz": (object(), None)}, {"base": {}}, "hf:org/name"]
+
+
+def _api_call(rng: random.Random, ws: Workspace, values: list):
+    """A random call of `peftdsl`'s API (docs/api.md), each argument hostile with probability
+    0.4 (else a valid value, so that calls reach deep): (label, thunk)."""
+    import peftdsl
+
+    def v(valid):
+        return rng.choice(values) if rng.random() < 0.4 else valid
+
+    folder = ws.root / "corpus"
+    good = folder / "api.yaml"
+    out = str(folder / "out" / f"api-{rng.randrange(4)}")
+    choice = rng.randrange(9)
+
+    def recipe():
+        return peftdsl.load(good, params=v(None) if rng.random() < 0.3 else None)
+
+    def composition(name="mix"):
+        return recipe().compose(v(name), device=v("cpu"), params=v(None) if rng.random() < 0.3 else None)
+
+    if choice == 0:
+        kwargs = {k: v(d) for k, d in rng.sample([("params", {"lam": 0.2}), ("adapters", None),
+                                                   ("allow_pickle", False)], rng.randint(0, 3))}
+        return f"load(path, {sorted(kwargs)})", lambda: peftdsl.load(v(good), **kwargs)
+    if choice == 1:
+        text = rng.choice([_API_RECIPE, v(_API_RECIPE), _API_RECIPE.replace("lora_r4", "\0"), _API_RECIPE * 2])
+        return "loads(text, root)", lambda: peftdsl.loads(text, root=v(folder), params=v(None))
+    if choice == 2:
+        return "canonical(name)", lambda: recipe().canonical(v(rng.choice(["mix", "small", "heads", "a"])))
+    if choice == 3:
+        return "compose(name, device, params)", lambda: composition(rng.choice(["mix", "scale", "heads"]))
+    if choice == 4:
+        return "compose().deltas()", lambda: (composition(rng.choice(["mix", "small", "scale", "heads"])).deltas(),
+                                              None)
+    if choice == 5:
+        return "compose().save(path, force)", lambda: composition(rng.choice(["small", "scale", "heads", "mix"])).save(
+            v(out), force=v(True))
+    if choice == 6:
+        kwargs = {k: v(d) for k, d in rng.sample([("only", ["small"]), ("device", "cpu"), ("force", True),
+                                                   ("report", str(folder / "out" / "api-report")),
+                                                   ("executor", "local"), ("address", None), ("locked", False),
+                                                   ("memory_guard", True)], rng.randint(1, 3))}
+        kwargs.setdefault("force", True)
+        return f"run({sorted(kwargs)})", lambda: recipe().run(no_eval=True, quiet=True, **kwargs)
+    if choice == 7:
+        return "compose().applied(model)", lambda: _enter(composition().applied(v(object())))
+    return "Recipe properties", lambda: (recipe().compositions, recipe().outputs, repr(recipe()),
+                                         recipe().raise_for_errors())
+
+
+def _enter(context) -> None:
+    with context:
+        pass
+
+
+def run_api_case(name: str, call, cwd: Path | None = None, *, case_limit: float = 30.0) -> Outcome:
+    """One library call: it must return, or raise one of peftdsl's own errors (PeftdslError:
+    RecipeError, UsageError …), never anything else, within `case_limit` seconds."""
+    from peftdsl.errors import PeftdslError
+
+    label, thunk = call
+    failure, status = None, 0
+    before = os.getcwd()
+    if cwd is not None:  # hostile names are relative paths too: they land in `cwd`, never in a checkout
+        cwd.mkdir(exist_ok=True)
+        os.chdir(cwd)
+    use_alarm = hasattr(signal, "SIGALRM") and case_limit > 0
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, case_limit)
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            thunk()
+    except PeftdslError:
+        status = 1
+    except _CaseTimeout:
+        failure = f"no answer within {case_limit:g} s"
+    except BaseException as exc:  # noqa: BLE001 - anything else escaping the API is what we look for
+        failure = f"raised {type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        seconds = time.perf_counter() - start
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        os.chdir(before)
+    return Outcome(name, label, status, seconds, failure)
+
+
+def api_cases(ws: Workspace, count: int, seed: int) -> Iterator[tuple[str, tuple, Path]]:
+    (ws.root / "corpus" / "api.yaml").write_text(_API_RECIPE)
+    rng = random.Random(seed)
+    values = _hostile_values(ws)
+    for i in range(count):
+        yield f"api{i}", _api_call(rng, ws, values), ws.root / "cwd"
+
+
+# name -> (generator of cases, runner of one case); one line per surface
+SURFACES: dict[str, tuple[Callable, Callable]] = {
+    "heads": (head_cases, run_case),
+    "full": (full_cases, run_case),
+    "api": (api_cases, lambda case, case_limit: run_api_case(*case, case_limit=case_limit)),
+}
+
+
+def fuzz_surfaces(ws: Workspace, names: list[str], *, cases: int, seed: int, case_limit: float = 30.0,
+                  keep: Path | None = None) -> dict[str, Summary]:
+    """`cases` cases of each surface in `names`; a summary per surface."""
+    summaries = {}
+    for name in names:
+        generate, run_one = SURFACES[name]
+        summary, start = Summary(), time.perf_counter()
+        for case in generate(ws, cases, seed):
+            outcome = run_one(case, case_limit=case_limit)
+            if ws.sentinel.exists():
+                outcome.failure = "a YAML tag ran code (sentinel file created)"
+            summary.add(outcome)
+            if outcome.failure and keep is not None and isinstance(case, Case):
+                keep.mkdir(parents=True, exist_ok=True)
+                (keep / f"{name}-{len(summary.failures):04d}.yaml").write_bytes(case.data)
+        summary.seconds = time.perf_counter() - start
+        summaries[name] = summary
+    return summaries
+
 
 # ----------------------------------------------------------------------- the report
 
@@ -935,6 +1192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case-limit", type=float, default=30.0, help="seconds before a case counts as hung")
     parser.add_argument("--keep", type=Path, default=None, help="save failing cases here")
     parser.add_argument("--json", type=Path, default=None, help="write the summary as JSON")
+    parser.add_argument("--surfaces", nargs="*", default=[], choices=sorted(SURFACES), metavar="NAME",
+                        help=f"also fuzz these surfaces ({', '.join(SURFACES)}), --surface-cases each")
+    parser.add_argument("--surface-cases", type=int, default=1000, help="cases per surface (default 1000)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.pop("PEFTDSL_DEBUG", None)
@@ -946,18 +1206,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(ws.seeds)} seed recipes; fuzzing …", file=sys.stderr)
         lint, run = fuzz(ws, cases=args.cases, seed=args.seed, runs=args.runs, case_limit=args.case_limit,
                          keep=args.keep, progress=True)
+        surfaces = fuzz_surfaces(ws, args.surfaces, cases=args.surface_cases, seed=args.seed,
+                                 case_limit=args.case_limit, keep=args.keep)
         sentinel = ws.sentinel.exists()
         shutil.rmtree(ws.root / "reports", ignore_errors=True)
     print(f"# peftdsl fuzz: seed {args.seed}, python bench/fuzz.py {' '.join(argv or sys.argv[1:])}".rstrip())
     _print("lint / explain (in process)", lint)
     _print("run (in process, real tiny adapters)", run)
+    for name, summary in surfaces.items():
+        _print(f"surface {name}", summary)
     print(f"YAML tags ran code: {'YES' if sentinel else 'no'}")
     print(f"total wall time {time.perf_counter() - started:.1f} s")
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "lint": lint.as_dict(), "run": run.as_dict(),
+                                         "surfaces": {k: v.as_dict() for k, v in surfaces.items()},
                                          "sentinel": sentinel}, indent=2, default=str) + "\n")
-    bad_status = set(lint.statuses) | set(run.statuses)
-    ok = not lint.failures and not run.failures and not sentinel and bad_status <= ALLOWED_STATUSES
+    everything = [lint, run, *surfaces.values()]
+    bad_status = set().union(*(set(s.statuses) for s in everything))
+    ok = not any(s.failures for s in everything) and not sentinel and bad_status <= ALLOWED_STATUSES
     return 0 if ok else 1
 
 

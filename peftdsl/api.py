@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,8 +51,13 @@ def load(path: str | Path, *, params: Mapping[str, float] | None = None,
     `(state_dict, LoraConfig | IA3Config)`, replacing the recipe's adapter of that name or
     adding one. `allow_pickle` reads `.bin` weights with weights_only=True.
     """
+    _check_types(path=(path, _PATH), allow_pickle=(allow_pickle, bool))
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a NUL character, a name longer than the OS allows
+        found = False
+    if not found:
         raise UsageError(f"no such file: {path}")
     return _compile(build.read_source(path), params, adapters, allow_pickle)
 
@@ -60,10 +66,43 @@ def loads(text: str, *, root: str | Path, params: Mapping[str, float] | None = N
           adapters: Mapping[str, Any] | None = None, allow_pickle: bool = False,
           filename: str = "recipe.yaml") -> Recipe:
     """A recipe from text; relative paths resolve against `root`, diagnostics name `filename`."""
-    return _compile(SourceFile(Path(root).resolve() / filename, text), params, adapters, allow_pickle)
+    _check_types(text=(text, str), root=(root, _PATH), filename=(filename, str), allow_pickle=(allow_pickle, bool))
+    try:
+        path = Path(root).resolve() / filename
+    except (OSError, RuntimeError, ValueError) as err:  # a NUL character, a symlink loop
+        raise UsageError(f"`root` cannot be used: {err}") from None
+    return _compile(SourceFile(path, text), params, adapters, allow_pickle)
+
+
+_PATH = (str, os.PathLike)
+
+
+def _check_types(**arguments: tuple[Any, type | tuple[type, ...] | None]) -> None:
+    """A UsageError naming the argument whose value has the wrong type: a library call used
+    wrongly is a usage error, like a bad flag, never a TypeError from deep inside.
+    `None` as the expected type means "a sequence of names" (a list or tuple of str)."""
+    for name, (value, expected) in arguments.items():
+        if expected is None:
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            wanted = "a list of names"
+        else:
+            ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+            types = expected if isinstance(expected, tuple) else (expected,)
+            wanted = " or ".join("a path" if t is os.PathLike else t.__name__ for t in types)
+        if not ok:
+            raise UsageError(f"`{name}` must be {wanted}, not {type(value).__name__} {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
 
 
 def _compile(source: SourceFile, params, adapters, allow_pickle: bool) -> Recipe:
+    if params is not None and not isinstance(params, Mapping):
+        raise UsageError(f"`params` must be a mapping of names to numbers, not {type(params).__name__}")
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise UsageError(f"`adapters` must be a mapping of names to sources, not {type(adapters).__name__}")
     sink = Sink()
     recipe = build.build_recipe(source, sink)
     analysis = None
@@ -78,11 +117,17 @@ def _compile(source: SourceFile, params, adapters, allow_pickle: bool) -> Recipe
 
 def _numbers(params: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
     """`params` as (name, float) pairs; a value that is not a finite real number is a UsageError."""
+    if params is not None and not isinstance(params, Mapping):
+        raise UsageError(f"`params` must be a mapping of names to numbers, not {type(params).__name__}")
     out = []
     for name, value in (params or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UsageError(f"params[{name!r}] must be a finite number, not {value!r}")
-        out.append((str(name), float(value)))
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        except OverflowError:  # an int past float's range
+            number = None
+        if number is None or not math.isfinite(number):
+            raise UsageError(f"params[{name!r}] must be a finite number, not {_shown(value)}")
+        out.append((str(name), number))
     return tuple(out)
 
 
@@ -152,12 +197,14 @@ class Recipe:
 
     def canonical(self, name: str) -> str:
         """The canonical form of a composition or adapter, as `explain` prints it."""
+        _check_types(name=(name, str))
         self.raise_for_errors()
         return ir.combination_text(self._form(self._analysis, name))
 
     def compose(self, name: str, *, device: str | None = None,
                 params: Mapping[str, float] | None = None) -> Composition:
         """One composition (or adapter) of the recipe, at its params (or these), on `device`."""
+        _check_types(name=(name, str), device=(device, (str, type(None))))
         self.raise_for_errors()
         analysis = self._analysis
         if params:
@@ -182,6 +229,10 @@ class Recipe:
         (with every diagnostic) when the recipe or a step fails; warnings are in the result."""
         from peftdsl.runner import RunOptions
 
+        _check_types(only=(only, None), device=(device, str), force=(force, bool), no_eval=(no_eval, bool),
+                     report=(report, (*_PATH, type(None))), executor=(executor, str),
+                     address=(address, (str, type(None))), locked=(locked, bool), quiet=(quiet, bool),
+                     memory_guard=(memory_guard, bool))
         options = RunOptions(only=tuple(only), device=device, force=force, no_eval=no_eval,
                              report=Path(report) if report is not None else None, executor=executor,
                              address=address, locked=locked, quiet=quiet, memory_guard=memory_guard,
@@ -268,6 +319,7 @@ class Composition:
         from peftdsl import check
         from peftdsl.runner import replaceable
 
+        _check_types(path=(path, _PATH), force=(force, bool))
         analysis = self._analysis
         declared = next((o for o in analysis.recipe.outputs if o.name == self.name), None)
         target = Path(path).resolve()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from peftdsl import ir, schema
 from peftdsl.diagnostics import Label, Sink
+from peftdsl.errors import UsageError
 from peftdsl.operators import OPERATORS
 from peftdsl.parse import parse_expression
 from peftdsl.spans import SourceFile, Span
@@ -44,9 +45,18 @@ def resolve_location(folder: Path, location: str) -> Path:
         return folder / path
 
 
+MAX_RECIPE_BYTES = 64 << 20  # far past any recipe; a file this big (or /dev/zero) is not one
+
+
 def read_source(path: Path) -> SourceFile:
     """Read a recipe as text; undecodable bytes are replaced so the loader can say where."""
-    data = path.read_bytes()
+    try:
+        with path.open("rb") as handle:  # one read past the limit tells a file that is too large
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:  # /proc/self/mem, a folder, a file that vanished: the command was used wrongly
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UsageError(f"{path} is larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
     return SourceFile(path, data.decode("utf-8", errors="replace"))
 
 

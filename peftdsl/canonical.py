@@ -183,7 +183,13 @@ class _Canonicaliser:
                 terms.append(ir.Term(coef=coef, leaf=leaf, span=first[leaf].span))
         terms.sort(key=lambda t: ir.leaf_text(t.leaf))
         kind = Kind.DENSE if Kind.DENSE in kinds else kinds.pop()
+        left = {self._leaf_kind(t.leaf) for t in terms}
+        if kind is Kind.DENSE and terms and Kind.DENSE not in left and len(left) == 1:
+            kind = left.pop()  # every dense term cancelled (`2 * lo - 0 * full`): what is left decides
         return ir.Combination(kind=kind, terms=tuple(terms), span=span)
+
+    def _leaf_kind(self, leaf: ir.Leaf) -> Kind | None:
+        return leaf.kind if isinstance(leaf, ir.OpLeaf) else self.kinds.get(leaf.name)
 
     def _call(self, expr: ir.Call) -> Value:
         function = OPERATORS.get(expr.func)

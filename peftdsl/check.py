@@ -724,7 +724,7 @@ def check_outputs(analysis: Analysis, sink: Sink) -> None:
         if comb.kind is Kind.DENSE and not out.merge:
             sink.emit("T403", f"`{out.name}` is a dense delta and cannot be written as an adapter", out.span,
                       help=f"write `svd({out.name}, rank=N)` as a composition, or set `merge: true`")
-        if not comb.terms:
+        if not adapter_leaves(comb):  # no term, or only functions of nothing (`pem(0 * a)`)
             sink.emit("T410", f"output `{out.name}` would be empty: its delta is zero", out.span,
                       severity=Severity.ERROR)
         if out.merge and recipe.base is None:

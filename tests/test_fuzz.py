@@ -135,3 +135,93 @@ def test_yaml_nested_past_the_parsers_stack_is_refused(ws, nested):
     status, output = _lint(ws, f"peftdsl: 1\nadapters:\n  a: fixtures/lora_r4\nextra: {nested}\n")
     assert status == 1 and "internal error" not in output
     assert "error[Y007]" in output and "nests deeper" in output
+
+
+# ---------------------------------------------------------------- surfaces: heads, full fine-tunes, the API
+
+
+@pytest.mark.parametrize("surface", ["heads", "full", "api"])
+def test_surfaces_never_crash(ws, surface):
+    """A few dozen cases of each surface (`python bench/fuzz.py --surfaces …` runs thousands)."""
+    summary = fuzz.fuzz_surfaces(ws, [surface], cases=40, seed=SEED, case_limit=60)[surface]
+    assert summary.cases == 40
+    failures = [f"{o.case} [{o.command}]: {o.failure}" for o in summary.failures]
+    assert not failures, "\n".join(failures[:10])
+    assert summary.statuses[0] and summary.statuses[1]  # some calls succeed, some are refused
+    assert not ws.sentinel.exists()
+
+
+def test_the_api_oracle_sees_foreign_exceptions():
+    """Only peftdsl's own errors may leave the API: a TypeError from inside is a failure."""
+    from peftdsl.errors import UsageError
+
+    def refused():
+        raise UsageError("fine")
+
+    def broken():
+        raise TypeError("unhashable type: 'dict'")
+
+    assert fuzz.run_api_case("ok", ("refused", refused)).failure is None
+    assert "TypeError" in fuzz.run_api_case("bad", ("broken", broken)).failure
+
+
+def test_a_dense_term_that_cancels_leaves_a_lora_form(ws):
+    """Found by the `full` surface: `2 * lo - 0 * ft` kept the kind `dense` with no dense term
+    left, which broke the canonical-form invariants (an internal error under the checker)."""
+    status, output = _lint(ws, "peftdsl: 1\nbase: fixtures/base\nadapters:\n  ft: fixtures/full_ft\n"
+                               "  lo: fixtures/lora_r4\ncompose:\n  task: 2 * lo - 0 * ft\n"
+                               "  small: svd(task, rank=4)\noutputs:\n  small: out/small\n")
+    assert status == 0 and "internal error" not in output, output
+    assert "warning[T409]" in output and "`ft` cancels out here" in output
+
+
+def test_an_output_of_a_function_of_nothing_is_empty(ws):
+    """Found by the `heads` surface: `pem(0 * a)` has a term (the pem) but no adapter under it;
+    `run` failed with an IndexError looking for a template adapter. Now T410 at lint."""
+    status, output = _lint(ws, "peftdsl: 1\nadapters:\n  a: fixtures/head_a\ncompose:\n  c: pem(0 * a)\n"
+                               "outputs:\n  c: out/c\n")
+    assert status == 1 and "error[T410]" in output and "output `c` would be empty" in output, output
+
+
+@pytest.mark.parametrize("command", ["lint", "explain", "lock", "run"])
+def test_an_unreadable_recipe_is_a_usage_error(command):
+    """Found by the `api` surface (`load("/proc/self/mem")`): reading fails with EIO."""
+    import contextlib
+    import io
+
+    from peftdsl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = main([command, "/proc/self/mem"])
+    assert status == 2 and "cannot read /proc/self/mem" in out.getvalue(), out.getvalue()
+
+
+def test_api_paths_no_file_can_have_are_usage_errors(tmp_path):
+    """Found by the `api` surface: `loads(text, root="\\0")` raised ValueError."""
+    import peftdsl
+    from peftdsl.errors import UsageError
+
+    with pytest.raises(UsageError, match="`root` cannot be used"):
+        peftdsl.loads("peftdsl: 1\n", root="x\0y")
+    with pytest.raises(UsageError, match="cannot read /proc/self/mem"):
+        peftdsl.load("/proc/self/mem")
+
+
+@pytest.mark.parametrize("command", ["lint", "explain", "lock"])
+def test_a_recipe_file_past_64_mib_is_refused_unread(tmp_path, command):
+    """Found by the fuzzer: long_name over deep_yaml made a 3.4 GB recipe, and reading it
+    whole took 12 GB before the OOM killer came. A sparse 65 MiB file, and /dev/zero."""
+    import contextlib
+    import io
+
+    from peftdsl.cli import main
+
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as handle:
+        handle.truncate(65 << 20)
+    for path in (big, Path("/dev/zero")) if command == "lint" else (big,):  # the others want a regular file
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            status = main([command, str(path)])
+        assert status == 2 and "larger than 64 MiB" in out.getvalue(), out.getvalue()

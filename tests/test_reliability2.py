@@ -459,3 +459,31 @@ def test_the_probe_gives_up_after_its_timeout(monkeypatch):
     with pytest.raises(UsageError, match=r"no Ray cluster answers there \(timed out\)"):
         sweep.probe_address("10.1.2.3:6379")
     assert seen["timeout"] == sweep.PROBE_SECONDS
+
+
+# ---------------------------------------------------------------- the API with arguments of the wrong type
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda p, r: __import__("peftdsl").load(123), "`path` must be str or a path, not int"),
+    (lambda p, r: __import__("peftdsl").load(p, params="lam=1"), "`params` must be a mapping"),
+    (lambda p, r: __import__("peftdsl").load(p, params={"lam": 10**400}), "params['lam'] must be a finite number"),
+    (lambda p, r: __import__("peftdsl").load(p, adapters=["a"]), "`adapters` must be a mapping"),
+    (lambda p, r: __import__("peftdsl").load("x\0y"), "no such file"),
+    (lambda p, r: __import__("peftdsl").loads({"peftdsl": 1}, root="."), "`text` must be str, not dict"),
+    (lambda p, r: r.canonical({"x": 1}), "`name` must be str, not dict"),
+    (lambda p, r: r.compose("x", device=0), "`device` must be str or NoneType, not int"),
+    (lambda p, r: r.run(only="x"), "`only` must be a list of names, not str"),
+    (lambda p, r: r.run(report=7), "`report` must be str or a path or NoneType, not int"),
+    (lambda p, r: r.run(force="yes"), "`force` must be bool, not str"),
+    (lambda p, r: r.compose("x", device="cpu").save(None), "`path` must be str or a path, not NoneType"),
+])
+def test_api_arguments_of_the_wrong_type_are_usage_errors(corpus_root, tmp_path, call, words):
+    import peftdsl
+    from peftdsl.errors import UsageError
+
+    path = write_recipe(tmp_path, corpus_root / "fixtures" / "lora_r4", "  x: 2 * a\n  y: b\n",
+                        extra="params:\n  lam: 1\n")
+    with pytest.raises(UsageError) as caught:
+        call(path, peftdsl.load(path))
+    assert words in str(caught.value)
