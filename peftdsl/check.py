@@ -22,6 +22,7 @@ from peftdsl.inputs import (
     BaseInfo,
     InputError,
     locate_adapter,
+    path_kind,
     read_source,
     read_base,
 )
@@ -732,6 +733,14 @@ def check_outputs(analysis: Analysis, sink: Sink) -> None:
                       help="add `base: path/to/model`")
 
 
+def _data_file(path: Path) -> bool:
+    """Whether eval data is a regular file; a name no file can have (too long, a NUL) is not one."""
+    try:
+        return path_kind(path) == "file"
+    except InputError:  # a folder on the way we may not read: the run says which
+        return False
+
+
 def context_length(config: Mapping) -> int | None:
     """How many positions the model has, as its config says (None: unbounded or unknown)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -780,7 +789,7 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
                   "model is loaded once per run", recipe.evals[0].span, help="give them all the same `dtype`")
     for target in recipe.evals:
         has_data = target.metric != "lm_eval" and check_data_eval(target, sink)
-        if has_data and use_files and target.data.suffix in (".txt", ".jsonl") and not target.data.is_file():
+        if has_data and use_files and target.data.suffix in (".txt", ".jsonl") and not _data_file(target.data):
             sink.emit("E501", f"eval `{target.name}` reads `{target.data.name}`, which does not exist",
                       target.span, help="data paths are relative to the recipe's folder")
         if recipe.base is None:

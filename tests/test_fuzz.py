@@ -225,3 +225,12 @@ def test_a_recipe_file_past_64_mib_is_refused_unread(tmp_path, command):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             status = main([command, str(path)])
         assert status == 2 and "larger than 64 MiB" in out.getvalue(), out.getvalue()
+
+
+def test_eval_data_paths_no_file_can_have_are_missing(ws):
+    """Found by the 10,000-case run: eval data named by a 10^5-character path made
+    `Path.is_file` raise ENAMETOOLONG inside lint's eval checks (an internal error)."""
+    status, output = _lint(ws, "peftdsl: 1\nbase: fixtures/base\neval:\n  - name: p\n    models: [base]\n"
+                               f"    metric: perplexity\n    data: {'n' * 100_000}/t.txt\n")
+    assert status == 1 and "internal error" not in output, output[:500]
+    assert "error[E501]" in output and "does not exist" in output
