@@ -520,6 +520,8 @@ def run_case(case: Case, *, case_limit: float = 30.0) -> Outcome:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+    if status in (130, 143):  # the CLI caught our own Ctrl-C or SIGTERM: stop fuzzing, do not count a case
+        raise KeyboardInterrupt
     stderr = err.getvalue()
     if failure is None and "internal error" in stderr:
         failure = "internal error: " + stderr.split("internal error", 1)[1].strip().splitlines()[0][:200]
@@ -1063,6 +1065,8 @@ def run_api_case(name: str, call, cwd: Path | None = None, *, case_limit: float 
             thunk()
     except PeftdslError:
         status = 1
+    except KeyboardInterrupt:  # ours (Ctrl-C, SIGTERM), not the call's
+        raise
     except _CaseTimeout:
         failure = f"no answer within {case_limit:g} s"
     except BaseException as exc:  # noqa: BLE001 - anything else escaping the API is what we look for
