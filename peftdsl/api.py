@@ -322,7 +322,12 @@ class Composition:
         _check_types(path=(path, _PATH), force=(force, bool))
         analysis = self._analysis
         declared = next((o for o in analysis.recipe.outputs if o.name == self.name), None)
-        target = Path(path).resolve()
+        try:
+            target = Path(path).resolve()
+            target.exists()
+        except (OSError, RuntimeError, ValueError) as err:  # too long a name, a NUL, a symlink loop
+            raise UsageError(f"save(): `path` cannot be used: {err.strerror if isinstance(err, OSError) else err}") \
+                from None
         span = declared.span if declared else analysis.recipe.span
         out = (dataclasses.replace(declared, path=target) if declared is not None
                else ir.Output(name=self.name, path=target, span=span, name_span=span))

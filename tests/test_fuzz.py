@@ -234,3 +234,35 @@ def test_eval_data_paths_no_file_can_have_are_missing(ws):
                                f"    metric: perplexity\n    data: {'n' * 100_000}/t.txt\n")
     assert status == 1 and "internal error" not in output, output[:500]
     assert "error[E501]" in output and "does not exist" in output
+
+
+def test_a_rank_1_extraction_is_written(ws, tmp_path):
+    """Found by the `full` surface: `svd(task, rank=1)` of a full fine-tune gave (n, 1) factors
+    whose last stride is not 1; writing them failed in `view(torch.uint8)` (internal error).
+    The written factors must be the composition's."""
+    import peftdsl
+    import torch
+    from safetensors.torch import load_file
+
+    text = ("peftdsl: 1\nbase: fixtures/base\nadapters:\n  ft: fixtures/full_ft\ncompose:\n"
+            "  task: -0.5 * ft\n  small: svd(task, rank=1)\noutputs:\n  small: " + str(tmp_path / "small") + "\n")
+    recipe = peftdsl.loads(text, root=ws.root / "corpus")
+    recipe.run(no_eval=True)
+    written = load_file(str(tmp_path / "small" / "adapter_model.safetensors"))
+    deltas = recipe.compose("small", device="cpu").deltas()
+    module = "model.layers.0.self_attn.q_proj"
+    a = written[f"base_model.model.{module}.lora_A.weight"]
+    b = written[f"base_model.model.{module}.lora_B.weight"]
+    assert a.shape[0] == 1
+    torch.testing.assert_close(b.float() @ a.float(), deltas[module])
+
+
+def test_save_to_a_path_no_file_can_have_is_a_usage_error(ws):
+    """Found by the `api` surface: `save("x" * 5000)` raised OSError ENAMETOOLONG."""
+    import peftdsl
+    from peftdsl.errors import UsageError
+
+    recipe = peftdsl.loads("peftdsl: 1\nadapters:\n  a: fixtures/lora_r4\ncompose:\n  x: 2 * a\n",
+                           root=ws.root / "corpus")
+    with pytest.raises(UsageError, match="`path` cannot be used"):
+        recipe.compose("x", device="cpu").save("x" * 5000)

@@ -66,7 +66,7 @@ class StreamingSafetensors:
         dtype, shape = self.specs[key]
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"`{key}`: planned {dtype} {list(shape)}, computed {tensor.dtype} {list(tensor.shape)}")
-        raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+        raw = _bytes(tensor)
         _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0])
         self.pending.discard(key)
 
@@ -78,7 +78,7 @@ class StreamingSafetensors:
                 or not 0 <= start <= start + tensor.shape[0] <= shape[0]):
             raise ValueError(f"`{key}`: planned {dtype} {list(shape)}, computed rows {start}: of "
                              f"{tensor.dtype} {list(tensor.shape)}")
-        raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+        raw = _bytes(tensor)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         _write_all(self.fd, memoryview(raw).cast("B"), self.data_start + self.offsets[key][0] + start * row_bytes)
         left = self._rows_left.get(key, shape[0]) - tensor.shape[0]
@@ -248,3 +248,11 @@ def stored(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
         raise InputDataError(f"`{name}` overflows {str(dtype).removeprefix('torch.')} when written: "
                              "scale the coefficients down, or write the output as float32 (`dtype:`)")
     return out
+
+
+def _bytes(tensor: torch.Tensor):
+    """A tensor's bytes as a numpy array. Flattened first: a rank-1 factor (n, 1) counts as
+    contiguous with any stride on its last dimension, and `view(torch.uint8)` refuses a
+    last stride other than 1 (found by the fuzzer: `svd(task, rank=1)` of a full fine-tune)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
