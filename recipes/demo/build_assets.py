@@ -401,7 +401,7 @@ def collate(items, pad_id):
     return ids, att, lab
 
 
-def train(model, items, *, steps, lr, batch, seed, pad_id, wd=0.0, warmup=20, log=""):
+def train(model, items, *, steps, lr, batch, seed, pad_id, wd=0.0, warmup=20, log="", collate_fn=None):
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=(0.9, 0.98))
@@ -410,7 +410,7 @@ def train(model, items, *, steps, lr, batch, seed, pad_id, wd=0.0, warmup=20, lo
     losses = []
     for step in range(steps):
         idx = torch.randint(len(items), (batch,), generator=gen).tolist()
-        ids, att, lab = collate([items[i] for i in idx], pad_id)
+        ids, att, lab = (collate_fn or collate)([items[i] for i in idx], pad_id)
         out = model(input_ids=ids, attention_mask=att, labels=lab)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -669,6 +669,273 @@ def build_adapters(tok, base_path: Path, only=None):
         save_adapter(model, target, base_path)
 
 
+# --------------------------------------------------------------------------------------
+# The paper's architectures: RoBERTa, T5 and GPT-2 (assets/arch/)
+# --------------------------------------------------------------------------------------
+# Each is a tiny, randomly initialised model (width 64, 2 layers) pretrained here on the
+# same grammar and corpus as the Llama, with the same word-level vocabulary (RoBERTa adds
+# `<mask>`; T5's tokenizer ends sequences with `</s>` instead of starting them with `<s>`).
+# Built by `--arch` alone, so that the Llama assets above are left as they are.
+
+ARCH = ASSETS / "arch"
+ARCH_RANK = 4            # LoRA rank of the arch adapters (minimal storage; width is 64)
+ARCH_SENT_LABELS = {"pos": 0, "neg": 1}
+
+
+def arch_tokenizer(tok, out: Path, kind: str):
+    """The demo's word-level tokenizer, adapted to the model family's conventions."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    extra = {}
+    if kind == "t5":  # T5: no BOS, every sequence (inputs and targets) ends with </s>
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                               special_tokens=[("</s>", 2)])
+    if kind == "roberta":  # RoBERTa: <s> … </s>, and a mask token for pretraining
+        backend.add_special_tokens(["<mask>"])
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                               special_tokens=[("<s>", 1), ("</s>", 2)])
+        extra = {"mask_token": "<mask>"}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=64, clean_up_tokenization_spaces=False, **extra)
+    fast.save_pretrained(out)
+    smap = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", **extra}
+    (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, sort_keys=True) + "\n")
+    return fast
+
+
+def pad_stack(seqs, value):
+    n = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), n), value, dtype=torch.long)
+    for k, x in enumerate(seqs):
+        out[k, : len(x)] = torch.tensor(x)
+    return out
+
+
+def mlm_collate(tok, seed):
+    """RoBERTa's masking: 15 % of the word tokens, 80 % of them <mask>, 10 % random, 10 % kept."""
+    gen = torch.Generator().manual_seed(seed)
+    mask_id, specials = tok.mask_token_id, set(tok.all_special_ids)
+    words = [i for i in range(len(tok)) if i not in specials]
+
+    def collate_fn(items, pad_id):
+        ids = pad_stack([i for i, _ in items], pad_id)
+        att = (ids != pad_id).long()
+        special = torch.tensor([[int(t) in specials for t in row] for row in ids.tolist()])
+        pick = (torch.rand(ids.shape, generator=gen) < 0.15) & ~special
+        lab = torch.where(pick, ids, torch.full_like(ids, -100))
+        r = torch.rand(ids.shape, generator=gen)
+        rand_tok = torch.tensor(words)[torch.randint(len(words), ids.shape, generator=gen)]
+        ids = torch.where(pick & (r < 0.8), torch.full_like(ids, mask_id), ids)
+        ids = torch.where(pick & (r >= 0.8) & (r < 0.9), rand_tok, ids)
+        return ids, att, lab
+    return collate_fn
+
+
+def cls_collate(items, pad_id):
+    ids = pad_stack([i for i, _ in items], pad_id)
+    return ids, (ids != pad_id).long(), torch.tensor([y for _, y in items])
+
+
+def s2s_collate(items, pad_id):
+    ids = pad_stack([i for i, _ in items], pad_id)
+    return ids, (ids != pad_id).long(), pad_stack([t for _, t in items], -100)
+
+
+def s2s_items(tok, pairs):
+    return [(tok(a)["input_ids"], tok(text_target=b)["input_ids"]) for a, b in pairs]
+
+
+def prefix_split(rng, sentence):
+    """T5's language modelling: the start of a sentence in, the rest out (a prefix LM)."""
+    w = sentence.split()
+    k = rng.randrange(1, len(w))
+    return " ".join(w[:k]), " ".join(w[k:])
+
+
+def arch_save_base(model, tok, out: Path):
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    smap = json.loads((out / "special_tokens_map.json").read_text()) if (out / "special_tokens_map.json").exists() else {}
+    smap.update({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+    if tok.mask_token:
+        smap["mask_token"] = tok.mask_token
+    (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, sort_keys=True) + "\n")
+
+
+def arch_bases(tok, corpus):
+    """Pretrain the three bases; returns {family: (tokenizer, base folder)}."""
+    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM, T5Config, \
+        T5ForConditionalGeneration
+
+    out = {}
+    # RoBERTa, masked LM (the paper's RoBERTa-base is a masked-LM checkpoint: no classifier head)
+    path = ARCH / "roberta" / "base"
+    path.mkdir(parents=True)
+    rtok = arch_tokenizer(tok, path, "roberta")
+    config = RobertaConfig(vocab_size=len(rtok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=72, type_vocab_size=1,
+                           pad_token_id=rtok.pad_token_id, bos_token_id=rtok.bos_token_id,
+                           eos_token_id=rtok.eos_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(100)
+    model = RobertaForMaskedLM(config)
+    items = [(rtok(s)["input_ids"], None) for s in corpus]
+    train(model, items, steps=700, lr=3e-3, batch=48, seed=101, pad_id=rtok.pad_token_id, wd=0.01, warmup=50,
+          log="roberta base", collate_fn=mlm_collate(rtok, 102))
+    arch_save_base(model, rtok, path)
+    out["roberta"] = (rtok, path)
+    # T5, as a prefix LM
+    path = ARCH / "t5" / "base"
+    path.mkdir(parents=True)
+    ttok = arch_tokenizer(tok, path, "t5")
+    config = T5Config(vocab_size=len(ttok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, dropout_rate=0.0, decoder_start_token_id=ttok.pad_token_id,
+                      pad_token_id=ttok.pad_token_id, eos_token_id=ttok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(110)
+    model = T5ForConditionalGeneration(config)
+    g = random.Random(111)
+    items = s2s_items(ttok, [prefix_split(g, s) for s in corpus])
+    train(model, items, steps=900, lr=3e-3, batch=48, seed=112, pad_id=ttok.pad_token_id, wd=0.01, warmup=50,
+          log="t5 base", collate_fn=s2s_collate)
+    model.generation_config.pad_token_id = ttok.pad_token_id
+    arch_save_base(model, ttok, path)
+    out["t5"] = (ttok, path)
+    # GPT-2, a causal LM like the Llama
+    path = ARCH / "gpt2" / "base"
+    path.mkdir(parents=True)
+    gtok = arch_tokenizer(tok, path, "gpt2")
+    config = GPT2Config(vocab_size=len(gtok), n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=gtok.bos_token_id,
+                        eos_token_id=gtok.eos_token_id, pad_token_id=gtok.pad_token_id)
+    torch.manual_seed(120)
+    model = GPT2LMHeadModel(config)
+    items = encode_pairs(gtok, [(s, "") for s in corpus], loss_on_prompt=True)
+    train(model, items, steps=900, lr=3e-3, batch=48, seed=121, pad_id=gtok.pad_token_id, wd=0.01, warmup=50,
+          log="gpt2 base")
+    model.generation_config.pad_token_id = gtok.pad_token_id
+    arch_save_base(model, gtok, path)
+    out["gpt2"] = (gtok, path)
+    return out
+
+
+def arch_peft(family: str, base_path: Path, kind: str, task: str):
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if task == "SEQ_CLS":
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2, dtype=torch.float32)
+    elif task == "SEQ_2_SEQ_LM":
+        base = AutoModelForSeq2SeqLM.from_pretrained(base_path, dtype=torch.float32)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if kind == "lora":
+        targets = {"roberta": ["query", "value"], "t5": ["q", "v"], "gpt2": ["c_attn"]}[family]
+        cfg = LoraConfig(r=ARCH_RANK, lora_alpha=2 * ARCH_RANK, target_modules=targets, lora_dropout=0.0,
+                         task_type=task, fan_in_fan_out=family == "gpt2")
+    else:
+        targets, ff = {"t5": (["k", "v", "wo"], ["wo"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+                       "roberta": (["key", "value", "output.dense"], ["output.dense"])}[family]
+        cfg = IA3Config(target_modules=targets, feedforward_modules=ff, task_type=task,
+                        fan_in_fan_out=family == "gpt2")
+    return get_peft_model(base, cfg)
+
+
+def arch_adapters(bases, only=None):
+    """The adapters of the paper's settings on the paper's architectures."""
+    g = random.Random(11)  # the Llama's skewed splits, drawn again from the same seed
+    gen_a = skewed_sentiment(g, 1500, {"movies": 0.5, "food": 0.5}, p_pos=0.7)
+    gen_b = skewed_sentiment(g, 1500, {"travel": 0.5, "books": 0.5}, p_pos=0.3)
+    g = random.Random(12)
+    sent_all = skewed_sentiment(g, 1500, {d: 1 for d in GENERAL_DOMAINS})
+    topic_all = [topic_example(g, g.choice(GENERAL_DOMAINS)) for _ in range(1500)]
+    g = random.Random(13)
+    toxic_text = [insult(g, True) for _ in range(1500)]
+    g = random.Random(14)
+    sent_movies = [sentiment_example(g, "movies", g.choice(["pos", "neg"])) for _ in range(1500)]
+    lm_movies = [review_lm(g, "movies", g.choice(["pos", "neg"])) for _ in range(1500)]
+    lm_games = [review_lm(g, "games", g.choice(["pos", "neg"])) for _ in range(1500)]
+
+    rtok, _ = bases["roberta"]
+    ttok, _ = bases["t5"]
+    gtok, _ = bases["gpt2"]
+
+    def cls(rows):
+        return lambda: [(rtok(r["text"])["input_ids"], ARCH_SENT_LABELS[r["label"]]) for r in rows]
+
+    def s2s_task(rows, verb, replay_seed):
+        def make():
+            gg = random.Random(replay_seed)
+            task = s2s_items(ttok, to_pairs(rows, verb))
+            replay = s2s_items(ttok, [prefix_split(gg, clean_sentence(gg)) for _ in rows])
+            return [x for pair in zip(task, replay) for x in pair]
+        return make
+
+    def s2s_lm(texts, seed):
+        return lambda: s2s_items(ttok, [prefix_split(random.Random(seed + i), t) for i, t in enumerate(texts)])
+
+    def gpt_lm(texts):
+        return lambda: encode_pairs(gtok, [(t, "") for t in texts], loss_on_prompt=True)
+
+    jobs = [  # (family, name, kind, task, items, steps, lr, seed, collate)
+        ("roberta", "sent_skew_a", "lora", "SEQ_CLS", cls(gen_a), 300, 3e-3, 201, cls_collate),
+        ("roberta", "sent_skew_b", "lora", "SEQ_CLS", cls(gen_b), 300, 3e-3, 202, cls_collate),
+        ("t5", "sentiment", "lora", "SEQ_2_SEQ_LM", s2s_task(sent_all, SENT_VERBALIZER, 43), 400, 3e-3, 211, s2s_collate),
+        ("t5", "topic", "lora", "SEQ_2_SEQ_LM", s2s_task(topic_all, TOPIC_VERBALIZER, 44), 400, 3e-3, 212, s2s_collate),
+        ("t5", "sent_movies", "lora", "SEQ_2_SEQ_LM", s2s_task(sent_movies, SENT_VERBALIZER, 46), 250, 3e-3, 213,
+         s2s_collate),
+        ("t5", "lm_movies", "lora", "SEQ_2_SEQ_LM", s2s_lm(lm_movies, 2140), 250, 3e-3, 214, s2s_collate),
+        ("t5", "lm_games", "lora", "SEQ_2_SEQ_LM", s2s_lm(lm_games, 2150), 250, 3e-3, 215, s2s_collate),
+        ("t5", "ia3_sentiment", "ia3", "SEQ_2_SEQ_LM", s2s_task(sent_all, SENT_VERBALIZER, 43), 400, 1.5e-1, 216,
+         s2s_collate),
+        ("t5", "ia3_topic", "ia3", "SEQ_2_SEQ_LM", s2s_task(topic_all, TOPIC_VERBALIZER, 44), 400, 1.5e-1, 217,
+         s2s_collate),
+        ("gpt2", "ia3_toxic_lm", "ia3", "CAUSAL_LM", gpt_lm(toxic_text), 200, 3e-2, 221, None),
+    ]
+    for family, name, kind, task, make_items, steps, lr, seed, collate_fn in jobs:
+        if only and f"{family}/{name}" not in only:
+            continue
+        tok, base_path = bases[family]
+        torch.manual_seed(seed)
+        model = arch_peft(family, base_path, kind, task)
+        train(model, make_items(), steps=steps, lr=lr, batch=32, seed=seed, pad_id=tok.pad_token_id,
+              log=f"{family}/{name}", collate_fn=collate_fn)
+        target = ARCH / family / "adapters" / name
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(model, target, base_path)
+
+
+def arch_data(seed=100):
+    """Seq2seq evaluation files (input → target); the classification files are the Llama's."""
+    r = lambda k: random.Random(seed * 1000 + 50 + k)  # noqa: E731
+    g = r(1)
+    rows = [dict(zip(("input", "target"), prefix_split(g, clean_sentence(g)))) for _ in range(300)]
+    write_jsonl(DATA / "s2s_clean_test.jsonl", rows)
+    g = r(2)
+    rows = [dict(zip(("input", "target"), prefix_split(g, review_lm(g, "games", g.choice(["pos", "neg"])))))
+            for _ in range(300)]
+    write_jsonl(DATA / "s2s_reviews_games_test.jsonl", rows)
+
+
+def build_arch(tok, only=None):
+    from transformers import AutoTokenizer
+
+    if only:
+        bases = {f: (AutoTokenizer.from_pretrained(ARCH / f / "base"), ARCH / f / "base") for f in ("roberta", "t5", "gpt2")}
+        arch_adapters(bases, only=set(only))
+        return
+    if ARCH.exists():
+        shutil.rmtree(ARCH)
+    g = random.Random(0)
+    corpus = [general_sentence(g) for _ in range(20000)]  # the Llama's pretraining corpus
+    bases = arch_bases(tok, corpus)
+    arch_data()
+    arch_adapters(bases)
+
+
 def size_summary():
     total = 0
     rows = []
@@ -694,7 +961,9 @@ def main(argv=None):
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="rebuild only these adapters (base and data kept)")
+    ap.add_argument("--only", nargs="*", help="rebuild only these adapters (base and data kept); "
+                    "with --arch, FAMILY/NAME (e.g. t5/topic)")
+    ap.add_argument("--arch", action="store_true", help="build only the RoBERTa / T5 / GPT-2 assets (assets/arch)")
     args = ap.parse_args(argv)
     setup_determinism(0)
     from transformers.utils import logging as hf_logging
@@ -702,7 +971,11 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     t0 = time.time()
     base_path = ASSETS / "base"
-    if args.only:
+    if args.arch:
+        from transformers import AutoTokenizer
+
+        build_arch(AutoTokenizer.from_pretrained(base_path), only=args.only)
+    elif args.only:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(base_path)
@@ -722,6 +995,7 @@ def main(argv=None):
         build_base(tok, base_path, corpus)
         build_data()
         build_adapters(tok, base_path)
+        build_arch(tok)
     size_summary()
     print(f"built in {time.time() - t0:.0f}s")
 
