@@ -824,7 +824,8 @@ def arch_peft(family: str, base_path: Path, kind: str, task: str):
     from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    if task == "SEQ_CLS":
+    if task == "SEQ_CLS":  # one seed for every classifier's new head, as fine-tuning runs of one setup share it
+        torch.manual_seed(200)
         base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2, dtype=torch.float32)
     elif task == "SEQ_2_SEQ_LM":
         base = AutoModelForSeq2SeqLM.from_pretrained(base_path, dtype=torch.float32)
@@ -879,8 +880,8 @@ def arch_adapters(bases, only=None):
         return lambda: encode_pairs(gtok, [(t, "") for t in texts], loss_on_prompt=True)
 
     jobs = [  # (family, name, kind, task, items, steps, lr, seed, collate)
-        ("roberta", "sent_skew_a", "lora", "SEQ_CLS", cls(gen_a), 300, 3e-3, 201, cls_collate),
-        ("roberta", "sent_skew_b", "lora", "SEQ_CLS", cls(gen_b), 300, 3e-3, 202, cls_collate),
+        ("roberta", "sent_skew_a", "lora", "SEQ_CLS", cls(gen_a), 800, 5e-3, 201, cls_collate),
+        ("roberta", "sent_skew_b", "lora", "SEQ_CLS", cls(gen_b), 800, 5e-3, 202, cls_collate),
         ("t5", "sentiment", "lora", "SEQ_2_SEQ_LM", s2s_task(sent_all, SENT_VERBALIZER, 43), 400, 3e-3, 211, s2s_collate),
         ("t5", "topic", "lora", "SEQ_2_SEQ_LM", s2s_task(topic_all, TOPIC_VERBALIZER, 44), 400, 3e-3, 212, s2s_collate),
         ("t5", "sent_movies", "lora", "SEQ_2_SEQ_LM", s2s_task(sent_movies, SENT_VERBALIZER, 46), 250, 3e-3, 213,
