@@ -130,3 +130,113 @@ def test_example_recipes_run(recipe, tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "internal error" not in result.stderr
+
+
+# ---------------------------------------------------------------- the paper's architectures
+# RoBERTa, T5 and GPT-2 recipes (assets/arch), each run in-process from a copy whose paths
+# are absolute, evaluated on its first rows only and at its first sweep point, so that the
+# five cost a few seconds. The RoBERTa merge is recomputed with plain torch.
+
+ARCH = DEMO / "assets" / "arch"
+ARCH_RECIPES = ["roberta_generalisation.yaml", "t5_multitask.yaml", "t5_ia3_multitask.yaml", "t5_analogy.yaml",
+                "gpt2_ia3_unlearning.yaml"]
+ROWS = 12
+
+
+def shortened(name: str, folder: Path) -> tuple[Path, dict]:
+    recipe = yaml.safe_load((DEMO / name).read_text())
+    recipe["base"] = str((DEMO / recipe["base"]).resolve())
+    for spec in recipe["adapters"].values():
+        spec["path"] = str((DEMO / spec["path"]).resolve())
+    for entry in recipe["eval"]:
+        entry["data"] = str((DEMO / entry["data"]).resolve())
+        entry["limit"] = min(entry.get("limit", ROWS), ROWS)
+        if entry["metric"] == "generate":
+            entry["limit"] = 4
+    recipe.pop("outputs", None)
+    if "sweep" in recipe:
+        recipe["sweep"] = {k: (v if k == "select" else v[:1]) for k, v in recipe["sweep"].items()}
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+    return path, recipe
+
+
+@pytest.fixture(scope="module")
+def arch_reports(tmp_path_factory):
+    import peftdsl
+
+    if not (ARCH / "t5" / "base" / "model.safetensors").is_file():
+        pytest.skip("assets/arch not built")
+    out = {}
+    for name in ARCH_RECIPES:
+        folder = tmp_path_factory.mktemp(name.removesuffix(".yaml"))
+        path, recipe = shortened(name, folder)
+        peftdsl.load(path).run(report=folder / "report")
+        out[name] = (json.loads((folder / "report" / "report.json").read_text()), recipe)
+    return out
+
+
+@pytest.mark.parametrize("name", ARCH_RECIPES)
+def test_paper_architecture_recipes_run(arch_reports, name):
+    report, recipe = arch_reports[name]
+    rows = {(r["eval"], r["model"]): r["value"] for r in report["results"]}
+    assert set(rows) == {(e["name"], m) for e in recipe["eval"] for m in e["models"]}
+    for (ev, model), value in rows.items():
+        metric = next(e["metric"] for e in recipe["eval"] if e["name"] == ev)
+        if metric == "accuracy":
+            assert 0.0 <= value <= 1.0
+        elif metric == "perplexity":
+            assert 1.0 < value < 50.0, (ev, model, value)
+        else:
+            assert len(value) == 4 and all(isinstance(t, str) for t in value)
+    # compositions change the model: a merge is not one of its terms
+    if name.startswith("t5_"):
+        ev = recipe["eval"][-1]["name"]
+        assert rows[ev, "base"] != rows[ev, recipe["eval"][-1]["models"][-1]]
+
+
+def _lora_merged_classifier(terms: list[tuple[float, str]]):
+    """RobertaForSequenceClassification on the masked-LM base with W += Σ cᵢ·sᵢ·Bᵢ·Aᵢ and the
+    heads averaged (Σ cᵢ·headᵢ), from the safetensors files with plain torch."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(ARCH / "roberta" / "base", num_labels=2).eval()
+    params = dict(model.named_parameters())
+    head = {n: torch.zeros_like(p) for n, p in params.items() if n.startswith("classifier.")}
+    with torch.no_grad():
+        for coef, adapter in terms:
+            folder = ARCH / "roberta" / "adapters" / adapter
+            config = json.loads((folder / "adapter_config.json").read_text())
+            scale = config["lora_alpha"] / config["r"]
+            tensors = {k.removeprefix("base_model.model."): v for k, v in
+                       load_file(str(folder / "adapter_model.safetensors")).items()}
+            for key, value in tensors.items():
+                if key.startswith("classifier."):
+                    head[key] += coef * value
+                elif ".lora_A." in key:
+                    module = key.split(".lora_A.")[0]
+                    b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                    params[module + ".weight"] += coef * scale * b @ value
+        for n, value in head.items():
+            params[n].copy_(value)
+    return model
+
+
+def test_roberta_merge_with_averaged_heads_equals_plain_torch(arch_reports):
+    import torch
+    from transformers import AutoTokenizer
+
+    report, recipe = arch_reports["roberta_generalisation.yaml"]
+    lam = report["selected"]["lam"]
+    entry = next(e for e in recipe["eval"] if e["name"] == "sentiment-test")
+    rows = [json.loads(line) for line in Path(entry["data"]).read_text().splitlines()][:ROWS]
+    tok = AutoTokenizer.from_pretrained(ARCH / "roberta" / "base")
+    batch = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+    got = {r["model"]: r["value"] for r in report["results"] if r["eval"] == "sentiment-test"}
+    for model, terms in (("a", [(1.0, "sent_skew_a")]), ("merged", [(lam, "sent_skew_a"), (1 - lam, "sent_skew_b")])):
+        with torch.no_grad():
+            predicted = _lora_merged_classifier(terms)(**batch).logits.argmax(-1).tolist()
+        want = sum(p == entry["labels"][r["label"]] for p, r in zip(predicted, rows)) / len(rows)
+        assert got[model] == pytest.approx(want), model

@@ -13,6 +13,8 @@ DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 ASSETS = DEMO / "assets"
 DATA = DEMO / "data"
 ADAPTERS = sorted(p for p in (ASSETS / "adapters").iterdir() if p.is_dir()) if (ASSETS / "adapters").is_dir() else []
+ARCH = ASSETS / "arch"
+ARCH_ADAPTERS = sorted(p for p in ARCH.glob("*/adapters/*") if p.is_dir()) if ARCH.is_dir() else []
 RECIPES = sorted(DEMO.glob("*.yaml"))
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
@@ -73,10 +75,41 @@ def test_adapter_loads_with_peft(adapter):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("adapter", ARCH_ADAPTERS, ids=lambda p: f"{p.parts[-3]}/{p.name}")
+def test_arch_adapter_loads_with_peft_on_its_base(adapter):
+    """RoBERTa / T5 / GPT-2 adapters load on their own base, offline, with the class of their task."""
+    import torch
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base_dir = adapter.parents[1] / "base"
+    assert (adapter / config["base_model_name_or_path"]).resolve() == base_dir.resolve()
+    auto = {"SEQ_CLS": AutoModelForSequenceClassification, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+            "CAUSAL_LM": AutoModelForCausalLM}[config["task_type"]]
+    kwargs = {"num_labels": 2} if config["task_type"] == "SEQ_CLS" else {}
+    model = PeftModel.from_pretrained(auto.from_pretrained(base_dir, **kwargs), adapter).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    extra = {"decoder_input_ids": torch.tensor([[0, 5]])} if config["task_type"] == "SEQ_2_SEQ_LM" else {}
+    with torch.no_grad():
+        out = model(input_ids=ids, **extra).logits
+    assert torch.isfinite(out).all()
+    if config["task_type"] == "SEQ_CLS":   # the head is the adapter's (modules_to_save), not the base's
+        assert config["modules_to_save"] and "classifier" in config["modules_to_save"]
+        assert out.shape == (1, 2)
+
+
 def test_data_files_are_well_formed():
     for p in sorted(DATA.glob("*.jsonl")):
         for line in p.read_text().splitlines():
             row = json.loads(line)
+            if "input" in row:   # seq2seq perplexity: the target given the input
+                assert isinstance(row["input"], str) and row["input"] and row["target"], p
+                continue
             assert "text" in row, p
             assert "label" in row or ("choices" in row and 0 <= row["answer"] < len(row["choices"])), p
     for p in sorted(DATA.glob("*.txt")):

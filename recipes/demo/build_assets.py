@@ -767,8 +767,14 @@ def arch_save_base(model, tok, out: Path):
 
 def arch_bases(tok, corpus):
     """Pretrain the three bases; returns {family: (tokenizer, base folder)}."""
-    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM, T5Config, \
-        T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForMaskedLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     out = {}
     # RoBERTa, masked LM (the paper's RoBERTa-base is a masked-LM checkpoint: no classifier head)
@@ -822,7 +828,11 @@ def arch_bases(tok, corpus):
 
 def arch_peft(family: str, base_path: Path, kind: str, task: str):
     from peft import IA3Config, LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
     if task == "SEQ_CLS":  # one seed for every classifier's new head, as fine-tuning runs of one setup share it
         torch.manual_seed(200)
@@ -911,7 +921,7 @@ def arch_adapters(bases, only=None):
 
 def arch_data(seed=100):
     """Seq2seq evaluation files (input → target); the classification files are the Llama's."""
-    r = lambda k: random.Random(seed * 1000 + 50 + k)  # noqa: E731
+    r = lambda k: random.Random(seed * 1000 + 50 + k)
     g = r(1)
     rows = [dict(zip(("input", "target"), prefix_split(g, clean_sentence(g)))) for _ in range(300)]
     write_jsonl(DATA / "s2s_clean_test.jsonl", rows)

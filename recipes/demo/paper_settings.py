@@ -395,6 +395,57 @@ SETTINGS: list[Setting] = [
          Column("replies", "insult rate ↓", "toxic"), Column("replies", "repetitive ↓", "repetitive"),
          Column("replies", "first reply", "first")],
         v_detox, sweep=[("hh-valid", "detox"), ("hh-valid", "detox_pem")]),
+    # The paper's architectures (assets/arch): RoBERTa for §4.2, T5 for §4.3 and §4.5, GPT-2 for §4.4.
+    Setting(
+        "roberta_generalisation", "roberta_generalisation.yaml",
+        "Distribution generalisation on RoBERTa, heads averaged (LoRA, §4.2)",
+        "The paper's own setting: RoBERTa classifiers (a masked-LM base, heads created at fine-tuning) trained "
+        "on two non-iid splits, merged as λθ₁ + (1−λ)θ₂ with the heads averaged, generalise better than either.",
+        [Row("a", "a (movies+food, 70 % pos)"), Row("b", "b (travel+books, 70 % neg)"),
+         Row("merged", "λa + (1−λ)b, exact ΔW, heads averaged (selected λ)"),
+         Row("merged_pem", "pem(λa + (1−λ)b), the paper's form, heads averaged (its best λ on validation)",
+             _pem_best("sentiment-valid", "merged_pem"))],
+        [Column("sentiment-test", "sentiment accuracy (test)", "acc")],
+        v_generalisation, sweep=[("sentiment-valid", "merged"), ("sentiment-valid", "merged_pem")]),
+    Setting(
+        "t5_multitask", "t5_multitask.yaml", "Multi-tasking on T5 (LoRA, §4.3)",
+        "The paper's own setting: adding two T5 modules trained on different tasks keeps both tasks.",
+        [Row("base", "base"), Row("sentiment", "sentiment"), Row("topic", "topic"),
+         Row("both", "sentiment + topic (exact)"), Row("both_avg", "0.5·sentiment + 0.5·topic (exact)"),
+         Row("both_pem", "pem(0.5·sentiment + 0.5·topic)")],
+        [Column("sentiment", SENT, "acc"), Column("topic", TOPIC, "acc"),
+         Column("clean-ppl", "ordinary-text ppl (target given input)")],
+        v_multitask),
+    Setting(
+        "t5_ia3_multitask", "t5_ia3_multitask.yaml", "Multi-tasking on T5 ((IA)³)",
+        "The same with (IA)³ modules on T5.",
+        [Row("base", "base"), Row("sentiment", "sentiment"), Row("topic", "topic"),
+         Row("both", "sentiment + topic"), Row("both_avg", "0.5·sentiment + 0.5·topic")],
+        [Column("sentiment", SENT, "acc"), Column("topic", TOPIC, "acc"),
+         Column("clean-ppl", "ordinary-text ppl (target given input)")],
+        v_multitask),
+    Setting(
+        "gpt2_ia3_unlearning", "gpt2_ia3_unlearning.yaml", "Unlearning by negation on GPT-2 ((IA)³)",
+        "The paper's own setting with (IA)³ on GPT-2: the negation 2 − l of a module trained on toxic text "
+        "lowers its likelihood and the toxicity of generations, while ordinary perplexity barely moves.",
+        [Row("base", "base"), Row("toxic_lm", "toxic_lm"), Row("unlearned", "−toxic_lm (2 − l)"),
+         Row("half", "−0.5·toxic_lm")],
+        [Column("toxic-ppl", "insult ppl ↑"), Column("clean-ppl", "ordinary ppl ↓"),
+         Column("insults", "insult rate, greedy ↓", "toxic"), Column("insults", "first continuation", "first")],
+        v_unlearning),
+    Setting(
+        "t5_analogy", "t5_analogy.yaml", "Domain transfer by analogy on T5 (LoRA, §4.5)",
+        "The paper's own setting: on T5, θ_task(source) + (θ_lm(target) − θ_lm(source)) gives better "
+        "target-domain accuracy than the source-domain task module alone.",
+        [Row("base", "base"), Row("sent_movies", "sent_movies"),
+         Row("transfer", "sent_movies + λ(lm_games − lm_movies), exact (selected λ)"),
+         Row("transfer_pem", "pem(…), the paper's form (its best λ on validation)",
+             _pem_best("games-sentiment-valid", "transfer_pem")),
+         Row("with_lm", "sent_movies + lm_games (control)")],
+        [Column("games-sentiment", "games sentiment acc", "acc"),
+         Column("movies-sentiment", "movies sentiment acc", "acc"),
+         Column("games-ppl", "games-review ppl (target given input)")],
+        v_analogy, sweep=[("games-sentiment-valid", "transfer"), ("games-sentiment-valid", "transfer_pem")]),
 ]
 
 QUICKSTART = "quickstart.yaml"
@@ -506,7 +557,9 @@ Zhang, Chen, Liu, He, *Composing Parameter-Efficient Modules with Arithmetic Ope
 (NeurIPS 2023), at toy scale: every number below comes from `peftdsl run` on the demo
 recipes (`recipes/demo/*.yaml`, assets described in `recipes/demo/README.md`: a 2-layer,
 ~0.33 M-parameter Llama with a 315-token word-level vocabulary, rank-8 LoRA and (IA)³
-adapters trained on a synthetic grammar). "exact" is peftdsl's default ΔW arithmetic
+adapters trained on a synthetic grammar; for the paper's own architectures, width-64, 2-layer
+RoBERTa (a masked LM: classifier heads are created at fine-tuning and averaged), T5 and GPT-2,
+pretrained on the same grammar, with rank-4 LoRA and (IA)³ adapters). "exact" is peftdsl's default ΔW arithmetic
 (Σ cᵢ·sᵢ·Bᵢ·Aᵢ); "pem" is the paper's parameter-space form (A = Σ|cᵢ|Aᵢ,
 B = Σ cᵢsᵢBᵢ), which for convex weights is the paper's λθ₁ + (1−λ)θ₂ and for c = −1 its
 negation. Where a recipe sweeps λ, peftdsl selects it on the validation split for the
@@ -524,7 +577,8 @@ hand: rerun the command.
 
 `recipes/demo/check_effects.py` computes the same compositions independently, with plain
 torch from the safetensors factors; where both measure the same thing its numbers agree
-with these to the printed precision.
+with these to the printed precision. It covers the Llama settings; the RoBERTa merge with
+averaged heads is recomputed with plain torch in `tests/test_demo.py`.
 
 Verdict rules: **reproduced** when the paper's qualitative claim holds in the numbers with
 a margin beyond noise; **partly** when its direction holds but part of the claim fails or
