@@ -222,7 +222,9 @@ def v_multitask(rep: Report, prefix: str = "") -> tuple[str, str, str]:
            f"adapter's gain; ordinary-text perplexity {ppl0:.2f} → {ppl:.2f}")
     try:
         sp, tp = rep.value("sentiment", "both_pem"), rep.value("topic", "both_pem")
-        why += f"; the paper's form at 0.5/0.5 (pem) keeps less ({sp:.3f} / {tp:.3f})"
+        verb = ("less" if sp < s_both and tp < t_both else "more" if sp > s_both and tp > t_both
+                else "more of one task, less of the other")
+        why += f"; the paper's form at 0.5/0.5 (pem) keeps {verb} ({sp:.3f} / {tp:.3f})"
     except KeyError:
         pass
     if max(s_own - s_other, t_own - t_other) < 0.25:
