@@ -317,12 +317,16 @@ def read_full(name: str, folder: Path, base: BaseInfo | None, *, allow_pickle: b
         raise InputError("I301", f"full fine-tune `{name}` needs the recipe's `base`: its value is θ − θ_base",
                          "add `base: path/to/the/model/it/was/fine-tuned/from`")
     files = source_files(name, folder, allow_pickle=allow_pickle)
-    if files[0].suffix == ".bin":
-        raise InputError("I310", f"full fine-tune `{name}`: pickled full fine-tunes are not supported",
-                         "convert it to safetensors (`save_pretrained(..., safe_serialization=True)`)")
     if not base.weights:
         raise InputError("I304", f"full fine-tune `{name}` needs a safetensors base to be checked against")
-    tensors, where = read_shard_headers(folder, files)
+    if files[0].suffix == ".bin":  # `--allow-pickle`: each shard loaded (memory-mapped) for its shapes
+        tensors, where = {}, {}
+        for shard in files:
+            for key, info in read_pickled_shapes(shard).items():
+                tensors.setdefault(key, info)
+                where.setdefault(key, shard)
+    else:
+        tensors, where = read_shard_headers(folder, files)
     conv1d = base.config.get("model_type") in _CONV1D_MODEL_TYPES
     modules, parts = {}, {}
     for key in sorted(tensors):

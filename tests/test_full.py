@@ -9,6 +9,7 @@ is the tail of its singular values.
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import math
 import warnings
@@ -188,6 +189,26 @@ def test_embed_true_must_be_a_whole_composition(world, tmp_path, capsys):
     assert main(["lint", str(path)]) == 1
     captured = capsys.readouterr()
     assert "error[T416]" in captured.out + captured.err
+
+
+def test_a_pickled_full_fine_tune_needs_allow_pickle(world, tmp_path, capsys):
+    """A fine-tune saved as `pytorch_model.bin`: I310 without `--allow-pickle`, and with it the
+    same task vector as the safetensors copy (loaded with weights_only=True)."""
+    pickled = tmp_path / "ft1-bin"
+    pickled.mkdir()
+    shutil.copy(world / "ft1" / "config.json", pickled / "config.json")
+    torch.save(state(world / "ft1"), pickled / "pytorch_model.bin")
+    lines = ["peftdsl: 1", f"base: {world / 'base'}", "adapters:", f"  ft: {{path: {pickled}, kind: full}}",
+             "compose:", "  m: 0.5 * ft", "outputs:", "  m: {path: out/m, merge: true}"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["run", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "error[I310]" in captured.out + captured.err and not (tmp_path / "out").exists()
+    assert main(["run", str(path), "--allow-pickle"]) == 0
+    base, ft1, got = state(world / "base"), state(world / "ft1"), state(tmp_path / "out" / "m")
+    for name, w0 in base.items():
+        assert torch.allclose(got[name], w0 + 0.5 * (ft1[name] - w0), atol=ATOL), name
 
 
 def test_a_fine_tune_of_another_base_is_refused(world, tmp_path, capsys):

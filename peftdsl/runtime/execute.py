@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -81,7 +82,10 @@ class Executor:
         """The open reader of one safetensors file, opened once: a source's pin is hashed from
         it (runner.verify_pins) and its tensors are read from it, so both see the same bytes."""
         if path not in self._files:
-            self._files[path] = self._stack.enter_context(SafetensorsReader(path))
+            if Path(path).suffix == ".bin":  # a pickled full fine-tune (`run --allow-pickle`): loaded whole
+                self._files[path] = _PickledFile(path)
+            else:
+                self._files[path] = self._stack.enter_context(SafetensorsReader(path))
         return self._files[path]
 
     def _file(self, adapter: str):
