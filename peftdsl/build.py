@@ -148,6 +148,9 @@ _MODELS_BY_PATH: tuple[tuple[tuple[str | None, ...], type[BaseModel]], ...] = (
     (("eval", None), schema.EvalSpec),
     (("sweep",), schema.SweepSpec),
     (("sweep", "select"), schema.SelectSpec),
+    (("search",), schema.SearchSpec),
+    (("search", "objective"), schema.SelectSpec),
+    (("search", "penalty"), schema.PenaltySpec),
 )
 
 
@@ -250,6 +253,7 @@ class _Builder:
             sweep=self._sweep(spec.sweep) if spec.sweep else None,
             span=self.span(),
             base_span=self.span("base") if spec.base else None,
+            search=self._search(spec.search) if spec.search else None,
         )
 
     def _resolve(self, location: str) -> Path | None:
@@ -332,6 +336,19 @@ class _Builder:
             select = ir.Select(eval=s.eval, model=s.model, goal=s.goal, span=self.span("sweep", "select"))
         return ir.Sweep(grid=grid, select=select, span=self.span("sweep"),
                         param_spans=tuple(self.span("sweep", k, key=True) for k, _ in grid))
+
+
+    def _search(self, spec: schema.SearchSpec) -> ir.Search:
+        s = spec.objective
+        objective = ir.Select(eval=s.eval, model=s.model, goal=s.goal, span=self.span("search", "objective"))
+        return ir.Search(
+            bounds=tuple((k, float(lo), float(hi)) for k, (lo, hi) in spec.params.items()), objective=objective,
+            l1=spec.penalty.l1 if spec.penalty else 0.0, optimizer=spec.optimizer, budget=spec.budget,
+            seed=spec.seed, batch=spec.batch, span=self.span("search"),
+            param_spans=tuple(self.span("search", "params", k, key=True) for k in spec.params),
+            bound_spans=tuple(self.span("search", "params", k) for k in spec.params),
+            optimizer_span=self.span("search", "optimizer"),  # the block's span when not given
+        )
 
 
 def load_recipe(path: Path, sink: Sink) -> ir.Recipe | None:

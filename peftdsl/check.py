@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ def resolve_names(recipe: ir.Recipe, sink: Sink) -> None:
     _check_eval_names(recipe, sink)
     check_output_paths(recipe, sink)
     _check_sweep(recipe, sink, used)
+    _check_search(recipe, sink, used)
     for item in (*recipe.adapters, *recipe.params):
         if item.name not in used and built_cleanly:
             what = "adapter" if isinstance(item, ir.Adapter) else "param"
@@ -181,6 +183,60 @@ def _check_sweep(recipe: ir.Recipe, sink: Sink, used: set[str]) -> None:
     elif target.metric == "generate":
         sink.emit("E502", f"`select` needs a number to compare, but eval `{select.eval}` generates text",
                   select.span, help="select on a perplexity or accuracy eval")
+
+
+def _check_search(recipe: ir.Recipe, sink: Sink, used: set[str]) -> None:
+    search = recipe.search
+    if search is None:
+        return
+    if recipe.sweep is not None:
+        sink.emit("E503", "a recipe has either `sweep` or `search`, not both", search.span,
+                  labels=(Label(recipe.sweep.span, "the sweep"),),
+                  help="a grid and a search both choose params: keep one of them")
+    params = {p.name: p for p in recipe.params}
+    for (name, lower, upper), span, bounds in zip(search.bounds, search.param_spans, search.bound_spans):
+        used.add(name)
+        if name not in params:
+            guess = difflib.get_close_matches(name, sorted(params), n=1)
+            sink.emit("E503", f"search over `{name}`, which is not a param", span,
+                      help=f"did you mean `{guess[0]}`?" if guess else
+                      "declare it under `params:`; its value there is where the search starts")
+        elif lower >= upper:
+            what = "empty" if lower == upper else "reversed"
+            sink.emit("E503", f"the bounds of `{name}` are {what}: [{lower:g}, {upper:g}]", bounds,
+                      help="write them as [lower, upper] with lower < upper")
+        elif not lower <= params[name].value <= upper:
+            sink.emit("E503", f"`{name}` starts at {params[name].value:g}, outside its bounds "
+                      f"[{lower:g}, {upper:g}]", bounds, labels=(Label(params[name].span, "the start"),),
+                      help="the search starts from the param's value: widen the bounds or move the start")
+    if not search.bounds:
+        sink.emit("E503", "search has no params to vary", search.span, help="add `params: {w: [lower, upper]}`")
+    _check_objective(recipe, search.objective, sink)
+    _check_search_extra(search, sink)
+
+
+def _check_objective(recipe: ir.Recipe, objective: ir.Select, sink: Sink) -> None:
+    target = next((e for e in recipe.evals if e.name == objective.eval), None)
+    if target is None:
+        guess = difflib.get_close_matches(objective.eval, [e.name for e in recipe.evals], n=1)
+        sink.emit("E503", f"`objective` names unknown eval `{objective.eval}`", objective.span,
+                  help=f"did you mean `{guess[0]}`?" if guess else
+                  "choose one of: " + (", ".join(e.name for e in recipe.evals) or "(no evals defined)"))
+    elif objective.model not in target.models:
+        sink.emit("E503", f"`objective` names model `{objective.model}`, which eval `{objective.eval}` does not "
+                  "evaluate", objective.span, help="models of that eval: " + ", ".join(target.models))
+    elif target.metric == "generate":
+        sink.emit("E503", f"`objective` needs a number, but eval `{objective.eval}` generates text",
+                  objective.span, help="optimise a perplexity or accuracy eval")
+
+
+def _check_search_extra(search: ir.Search, sink: Sink) -> None:
+    """The optimiser's library is importable (found without importing it: lint stays fast)."""
+    needed = ["nevergrad"] + (["cma"] if search.optimizer == "cma" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        sink.emit("E504", f"`optimizer: {search.optimizer}` needs {' and '.join(missing)}, which is not installed",
+                  search.optimizer_span, help="pip install 'peftdsl[search]'")
 
 
 # ---------------------------------------------------------------- inputs

@@ -97,6 +97,8 @@ CODES: dict[str, Code] = _codes(
     # E: evaluation and sweeps.
     ("E501", "bad-eval", E, "an eval entry that cannot run as written"),
     ("E502", "bad-sweep", E, "a sweep that cannot run as written"),
+    ("E503", "bad-search", E, "a search that cannot run as written"),
+    ("E504", "search-extra-missing", E, "a search whose optimiser library is not installed"),
     # R: running.
     ("R601", "run-failed", E, "executing the plan failed on its inputs"),
     ("R602", "output-exists", E, "an output already exists and --force was not given"),

@@ -212,6 +212,22 @@ class Sweep(Node):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Search(Node):
+    """`search:`: each param's bounds, the objective, and how the optimiser runs."""
+
+    bounds: tuple[tuple[str, float, float], ...]  # (param, lower, upper), in recipe order
+    objective: Select
+    l1: float  # 0: no penalty
+    optimizer: str  # ngopt | cma | random
+    budget: int
+    seed: int
+    batch: int
+    param_spans: tuple[Span, ...] = field(default=(), compare=False, repr=False)
+    bound_spans: tuple[Span, ...] = field(default=(), compare=False, repr=False)
+    optimizer_span: Span | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Recipe(Node):
     path: Path
     name: str
@@ -226,6 +242,7 @@ class Recipe(Node):
     evals: tuple[EvalTarget, ...]
     sweep: Sweep | None
     base_span: Span | None = field(default=None, compare=False, repr=False)
+    search: Search | None = None
 
     def adapter(self, name: str) -> Adapter | None:
         return next((a for a in self.adapters if a.name == name), None)

@@ -14,6 +14,7 @@ session starts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -64,11 +65,12 @@ class RunOptions:
 class RunResult:
     written: tuple[str, ...]  # outputs written, in order
     results: tuple = ()  # evaluation rows (peftdsl.evaluation.report.Result)
-    selected: Mapping[str, float] | None = None  # the sweep's best point
+    selected: Mapping[str, float] | None = None  # the sweep's or search's best point
     report: Path | None = None  # the report folder, when evaluations ran
     diagnostics: tuple[Diagnostic, ...] = ()  # warnings and notes (errors raise RecipeError)
     device: str = "cpu"
     seconds: float = 0.0
+    search: object | None = None  # peftdsl.evaluation.search.SearchOutcome, for a `search` block
 
 
 def _fail(sink: Sink) -> RecipeError:
@@ -519,9 +521,9 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
         say()
         raise _fail(sink)
     console = session.console = _console(options.quiet)
-    results, selected = [], None
+    results, selected, outcome = [], None, None
     if evals:
-        results, selected = _evaluate(session, evals, options, console)
+        results, selected, outcome = _evaluate(session, evals, options, console)
         if selected:
             session.analysis = analysis = analysis.at(selected)
     for out in _selected_outputs(analysis, options.only):
@@ -532,12 +534,12 @@ def _execute(session: Session, options: RunOptions, started: float, say) -> RunR
         for line in session.dropped(out.name):
             console.print(f"  {out.name}: {line}")
     if results:
-        _report(session, results, selected, report, console)
+        _report(session, results, selected, report, console, outcome)
     console.print(f"done in {time.perf_counter() - started:.1f} s on {session.device}")
     say()
     return RunResult(written=tuple(session.written), results=tuple(results), selected=selected, report=report,
                      diagnostics=tuple(sink.items), device=str(session.device),
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, search=outcome)
 
 
 def _console(quiet: bool):
@@ -601,17 +603,19 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
     analysis, sink = session.analysis, session.sink
     recipe = analysis.recipe
     points = sweep_points(recipe, analysis.overrides) or [{}]
+    outcome = None
     jobs = [PointJob(recipe=recipe.path, params=tuple(sorted({**analysis.params, **point}.items())),
                      point=tuple(point.items()), device=str(session.device), quiet=options.quiet,
                      allow_pickle=session.allow_pickle) for point in points]
     try:
         if options.executor == "ray":
-            if not _is_the_file(recipe):
-                raise UsageError("--executor ray rebuilds the recipe from its file on each worker, but this "
-                                 "recipe was given as text (or its file changed since): use peftdsl.load(path)")
-            if any(info.state is not None for info in analysis.adapters.values()):
-                raise UsageError("--executor ray rebuilds the recipe from its files on each worker; "
-                                 "save the in-memory adapters first")
+            _check_ray(analysis)
+        if recipe.search is not None:  # the best candidate becomes the one point evaluated below
+            outcome = _search(session, jobs[0], options, console)
+            points = [outcome.best] if outcome.best else [{}]
+            jobs = [dataclasses.replace(jobs[0], params=tuple(sorted({**analysis.params, **outcome.best}.items())),
+                                        point=tuple(outcome.best.items()))]
+        if options.executor == "ray":
             results = run_on_ray(jobs, options.address)
         else:
             results, cache = [], {}
@@ -642,7 +646,46 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
         s = sweep.select
         selected = select_best(results, s.eval, s.model, s.goal)
         console.print("selected " + show_point(selected))
-    return results, selected
+    if outcome is not None and outcome.best:
+        selected = dict(outcome.best)
+    return results, selected, outcome
+
+
+def _check_ray(analysis: Analysis) -> None:
+    if not _is_the_file(analysis.recipe):
+        raise UsageError("--executor ray rebuilds the recipe from its file on each worker, but this "
+                         "recipe was given as text (or its file changed since): use peftdsl.load(path)")
+    if any(info.state is not None for info in analysis.adapters.values()):
+        raise UsageError("--executor ray rebuilds the recipe from its files on each worker; "
+                         "save the in-memory adapters first")
+
+
+def _search(session: Session, job, options: RunOptions, console):
+    """Learned weights: the search block's candidates, evaluated on its objective only
+    (peftdsl.evaluation.search); returns the outcome, whose best point the run then uses."""
+    from peftdsl.evaluation import search as learned
+
+    analysis = session.analysis
+    block = analysis.recipe.search
+    pinned = {name: analysis.overrides[name] for name, _, _ in block.bounds if name in analysis.overrides}
+    restricted = learned.objective_only(analysis, block.objective)
+    if options.executor == "ray":
+        evaluate = learned.RayEvaluator(job, block.objective, options.address)
+    else:
+        def compose(name, at):
+            task = lower(at, name)
+            with session._task_errors(task, name):
+                return session.executor.run(task)
+
+        evaluate = learned.LocalEvaluator(restricted, job, compose)
+    with progress("searching", block.budget, quiet=options.quiet) as advance:
+        outcome = learned.run_search(block, analysis.params, pinned, evaluate, on_candidate=lambda _: advance(1))
+    if isinstance(evaluate, learned.LocalEvaluator):
+        outcome = dataclasses.replace(outcome, compose_seconds=evaluate.compose_seconds,
+                                      eval_seconds=evaluate.eval_seconds)
+    learned.print_candidates(outcome, console)
+    return outcome
+
 
 
 def _is_the_file(recipe: ir.Recipe) -> bool:
@@ -656,14 +699,16 @@ def _report_dir(options: RunOptions, recipe: ir.Recipe) -> Path:
     return options.report or Path("peftdsl-reports") / recipe.name
 
 
-def _report(session: Session, results, selected, directory: Path, console) -> None:
+def _report(session: Session, results, selected, directory: Path, console, outcome=None) -> None:
     from peftdsl.evaluation.report import print_table, write_report
 
     recipe = session.analysis.recipe
     swept = [name for name, _ in recipe.sweep.grid] if recipe.sweep else []
     print_table(results, console, swept)
     try:
-        written = write_report(directory, recipe.name, results, selected, swept)
+        written = write_report(directory, recipe.name, results, selected, swept,
+                               search=outcome.to_json() if outcome is not None and outcome.candidates else None,
+                               search_goal=outcome.goal if outcome is not None else "min")
     except OSError as err:  # a full disk, a folder made read-only meanwhile
         done = ", ".join(f"`{name}`" for name in session.written)
         session.sink.emit("R601", f"writing the report to `{directory}` failed: {err.strerror or err}",

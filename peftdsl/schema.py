@@ -108,6 +108,28 @@ class SweepSpec(BaseModel):
     select: SelectSpec | None = None
 
 
+class PenaltySpec(_Strict):
+    l1: Annotated[float, Field(ge=0)] = Field(description="adds l1 · mean |w| over the searched params")
+
+
+SEARCH_OPTIMIZERS = ("ngopt", "cma", "random")
+Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class SearchSpec(_Strict):
+    """Learned weights: params optimised without gradients on an eval's value (docs/recipes.md)."""
+
+    params: dict[str, Bounds] = Field(description="param -> [lower, upper]; its value under `params:` is the start")
+    objective: SelectSpec = Field(description="the eval's value for one model, and whether to minimise or maximise it")
+    penalty: PenaltySpec | None = None
+    optimizer: Literal["ngopt", "cma", "random"] = Field("ngopt", description="nevergrad's NGOpt, CMA-ES, or "
+                                                         "random search")
+    budget: PositiveInt = Field(description="candidates evaluated in all")
+    seed: int = Field(0, description="seeds the optimiser: the same seed gives the same candidates")
+    batch: PositiveInt = Field(4, description="candidates asked for at a time (evaluated in parallel with "
+                               "--executor ray); part of what the candidates are")
+
+
 class RecipeSpec(_Strict):
     """A peftdsl recipe, format version 1."""
 
@@ -121,6 +143,7 @@ class RecipeSpec(_Strict):
     outputs: dict[str, OutputSpec] = Field(default_factory=dict)
     eval: list[EvalSpec] = Field(default_factory=list)
     sweep: SweepSpec | None = None
+    search: SearchSpec | None = None
 
 
 # Sections whose values may be written in a short form (a bare path).

@@ -53,13 +53,17 @@ def _json_value(value: float | list[str]) -> float | list[str] | None:
     return value
 
 
-def report_json(recipe_name: str, results: Sequence[Result], selected: Mapping[str, Any] | None) -> str:
-    """The text of report.json: fixed key order, indent 2, a final newline."""
+def report_json(recipe_name: str, results: Sequence[Result], selected: Mapping[str, Any] | None,
+                search: Mapping[str, Any] | None = None) -> str:
+    """The text of report.json: fixed key order, indent 2, a final newline; a search adds
+    `search: {candidates, best}` (peftdsl.evaluation.search.SearchOutcome.to_json)."""
     document = {
         "recipe": recipe_name,
         "results": [result.to_json() for result in results],
         "selected": dict(selected) if selected is not None else None,
     }
+    if search is not None:
+        document["search"] = dict(search)
     return json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
@@ -69,8 +73,11 @@ def write_report(
     results: Sequence[Result],
     selected: Mapping[str, Any] | None = None,
     swept_params: Sequence[str] = (),
+    search: Mapping[str, Any] | None = None,
+    search_goal: str = "min",
 ) -> list[Path]:
-    """Write report.json, report.md and, for a sweep, one PNG per (eval, swept param).
+    """Write report.json, report.md and, for a sweep, one PNG per (eval, swept param);
+    for a search, a PNG of the objective against the step.
 
     Returns the paths written, in a stable order. Written as outputs are: in a temporary
     folder, then renamed into place, so a failure (a full disk) leaves the previous report whole.
@@ -80,8 +87,13 @@ def write_report(
     directory = Path(directory)
     with replaced_files(directory) as staging:
         written = [staging / "report.json", staging / "report.md"]
-        written[0].write_text(report_json(recipe_name, results, selected), encoding="utf-8")
-        written[1].write_text(report_markdown(recipe_name, results, selected, swept_params), encoding="utf-8")
+        written[0].write_text(report_json(recipe_name, results, selected, search), encoding="utf-8")
+        markdown = report_markdown(recipe_name, results, selected, swept_params)
+        if search is not None:
+            markdown += search_markdown(search)
+        written[1].write_text(markdown, encoding="utf-8")
+        if search is not None:
+            written.append(plot_search(staging, search, search_goal))
         for eval_name in _unique(r.eval for r in results if r.numeric):
             for param in swept_params:
                 written.append(plot_sweep(staging, [r for r in results if r.eval == eval_name], eval_name, param))
@@ -197,6 +209,52 @@ def plot_sweep(directory: Path, results: Sequence[Result], eval_name: str, param
     finally:
         plt.close(figure)
     return path
+
+
+SEARCH_PLOT = "search-objective.png"
+
+
+def plot_search(directory: Path, search: Mapping[str, Any], goal: str = "min") -> Path:
+    """The objective of every candidate against its step, and the best so far as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(c["step"], c["objective"]) for c in search["candidates"] if c["objective"] is not None]
+    best, running = [], None
+    for _, objective in points:
+        running = objective if running is None else (min if goal == "min" else max)(running, objective)
+        best.append(running)
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    try:
+        axes.scatter([s for s, _ in points], [o for _, o in points], s=14, color="tab:gray", label="candidate")
+        axes.step([s for s, _ in points], best, where="post", color="tab:blue", label="best so far")
+        axes.set(xlabel="step", ylabel="objective", title="search: objective vs step")
+        axes.legend()
+        figure.tight_layout()
+        path = directory / SEARCH_PLOT
+        figure.savefig(path, format="png", metadata={"Software": None})
+    finally:
+        plt.close(figure)
+    return path
+
+
+def search_markdown(search: Mapping[str, Any]) -> str:
+    """report.md's search section: every candidate, then the best point."""
+    candidates = search["candidates"]
+    if not candidates:
+        return ""
+    names = list(candidates[0]["params"])
+    lines = ["", "## Search", "", f"![objective vs step]({SEARCH_PLOT})", ""]
+    lines.append("| step | " + " | ".join(_md_cell(n) for n in names) + " | value | objective |")
+    lines.append("|" + "|".join("---" for _ in range(len(names) + 3)) + "|")
+    for c in candidates:
+        cells = [str(c["step"]), *(f"{c['params'][n]:.4g}" for n in names),
+                 *("" if v is None else f"{v:.6g}" for v in (c["value"], c["objective"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Best: {show_point(search['best'])}"]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------- selection

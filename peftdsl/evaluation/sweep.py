@@ -103,8 +103,9 @@ def _remote_point(job: PointJob) -> list:
         return evaluate_point(analysis, job, lambda name: executor.run(lower(analysis, name)))
 
 
-def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
-    """Every job as a Ray task, results in grid order (identical to the local executor's)."""
+def run_on_ray(jobs: list[PointJob], address: str | None, task=None) -> list:
+    """Every job as a Ray task, results in grid order (identical to the local executor's);
+    `task` evaluates one job (default `_remote_point`; a search passes its own)."""
     try:
         import ray
     except ImportError as err:
@@ -123,8 +124,8 @@ def run_on_ray(jobs: list[PointJob], address: str | None) -> list:
 
     threads = torch.get_num_threads()
     jobs = [dataclasses.replace(job, device="cuda" if gpus else "cpu", threads=threads) for job in jobs]
-    task = ray.remote(num_gpus=gpus, max_retries=0)(_remote_point)
-    return [row for batch in ray.get([task.remote(job) for job in jobs]) for row in batch]
+    remote = ray.remote(num_gpus=gpus, max_retries=0)(task or _remote_point)
+    return [row for batch in ray.get([remote.remote(job) for job in jobs]) for row in batch]
 
 
 PROBE_SECONDS = 5.0  # a cluster's head answers a TCP connect at once; anything slower is not one
