@@ -620,7 +620,7 @@ def _evaluate(session: Session, evals, options: RunOptions, console):
         else:
             results, cache = [], {}
             for job in jobs:
-                if job.point:
+                if job.point and recipe.sweep is not None:
                     console.print("sweep point " + show_point(job.point))
                 point = analysis.at(dict(job.params))
                 results.extend(evaluate_point(point, job, lambda name, p=point: session.deltas(name, p), cache))

@@ -54,6 +54,7 @@ class SearchOutcome:
     pinned: dict[str, float] = field(default_factory=dict)  # `--set` values taken out of the search
     compose_seconds: float = 0.0  # composing candidates (local executor only)
     eval_seconds: float = 0.0  # evaluating them (local executor only)
+    seconds: float = 0.0  # the whole search: optimiser, composing and evaluating
 
     def to_json(self) -> dict[str, Any]:
         """report.json's `search` section (DESIGN §4)."""
@@ -140,6 +141,7 @@ def run_search(search: ir.Search, start: Mapping[str, float], pinned: Mapping[st
         return SearchOutcome(candidates=(), best={}, goal=goal, pinned=dict(pinned))
     names = [name for name, _, _ in bounds]
     candidates: list[Candidate] = []
+    started = time.perf_counter()
     with warnings.catch_warnings():  # nevergrad and cma warn about their own internals
         warnings.simplefilter("ignore")
         optimizer = make_optimizer(search, bounds, start)
@@ -155,7 +157,7 @@ def run_search(search: ir.Search, start: Mapping[str, float], pinned: Mapping[st
                 if on_candidate is not None:
                     on_candidate(candidate)
     return SearchOutcome(candidates=tuple(candidates), best=dict(best_of(candidates, goal).params), goal=goal,
-                         pinned=dict(pinned))
+                         pinned=dict(pinned), seconds=time.perf_counter() - started)
 
 
 def _loss(objective: float, goal: str) -> float:
