@@ -213,6 +213,18 @@ class Executor:
         return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
 
 
+def _dense_sum(parts: list[tuple[float, Value]]) -> Dense:
+    """Σ cᵢ·ΔWᵢ with one new stack at most (a term's value may be shared with other leaves, so
+    it is never changed in place); a lone term of weight 1 is its value."""
+    (coef, first), *rest = parts
+    if not rest and coef == 1.0 and isinstance(first, Dense):
+        return first
+    total = dense_of(first) * coef
+    for coef, value in rest:
+        total.add_(dense_of(value), alpha=coef)
+    return Dense(total)
+
+
 def _stacked(reads: list[torch.Tensor]) -> torch.Tensor:
     """One-tensor reads (each [1, …]) as one stack; a single read is used as it is, not copied."""
     return reads[0] if len(reads) == 1 else torch.cat(reads)
@@ -288,7 +300,7 @@ class _Evaluation:
                 return parts[0][1]
             A, B = kernels.exact_sum([(c, v.A, v.B, v.scale) for c, v in parts])
             return Lora(A, B)
-        return Dense(sum(c * dense_of(v) for c, v in parts))
+        return _dense_sum(parts)
 
     # ------------------------------------------------------------ operators
 
@@ -302,7 +314,7 @@ class _Evaluation:
             return None
         if isinstance(argument, Dense) and drops_full_parts(leaf):
             norms = self.executor.kept_norms.setdefault(leaf, {})
-            norms[self.group.modules] = float(argument.delta.double().square().sum())
+            norms[self.group.modules] = float(kernels.squared_norms(argument.delta).sum())
         return _kernel(operator)(argument, dict(leaf.options), self.context())
 
     def _argument(self, mode: Argument, comb: ir.Combination):

@@ -226,7 +226,7 @@ def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     delta = _f32(delta)
-    total = delta.double().pow(2).sum(dim=(1, 2))
+    total = squared_norms(delta)
     if uses_randomized_svd(delta.shape[1], delta.shape[2], rank):
         U, sigma, Vh = randomized_svd(delta, rank, generators)
     else:
@@ -234,6 +234,21 @@ def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
     k = min(rank, sigma.shape[-1])
     A, B = _finish_svd(U[..., :k], sigma[:, :k], Vh[:, :k, :], clamp)
     return A, B, Spectrum(sigma, total)
+
+
+_NORM_BLOCK = 1 << 22  # elements per float64 block (32 MiB)
+
+
+def squared_norms(stack: Tensor) -> Tensor:
+    """‖Xᵢ‖²_F of each matrix of ``[g, out, in]`` (or of one tensor, as ``[1, …]``), accumulated
+    in float64 a block of rows at a time: a float64 copy of a 128k-vocab ``lm_head`` delta
+    would be 2 GiB."""
+    flat = stack.reshape(stack.shape[0], -1)
+    total = torch.zeros(flat.shape[0], dtype=torch.float64, device=stack.device)
+    step = max(1, _NORM_BLOCK)
+    for start in range(0, flat.shape[1], step):
+        total += flat[:, start:start + step].double().square().sum(dim=1)
+    return total
 
 
 # A dense SVD of an n×n matrix costs O(n³); past this side (and for ranks well below it) a

@@ -22,7 +22,7 @@ from peftdsl.errors import InputDataError, InternalError
 from peftdsl.operators import OPERATORS, Parts
 from peftdsl.parts import (AFFINE, DELTA, NOTHING_OMITTED, TASK, Omitting, PartPlan, drops_full_parts,
                            extracts_embeddings, omitted_tensors)
-from peftdsl.runtime import ops
+from peftdsl.runtime import kernels, ops
 from peftdsl.runtime.fold import LoraDelta, PartDelta
 from peftdsl.runtime.values import Dense, folded_B
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
@@ -48,7 +48,7 @@ def extract_embeddings(executor, form: ir.Combination) -> dict[str, LoraDelta]:
             tau = _task_vector(executor, leaf.arg, tensor)
             if tau is None:
                 continue
-            executor.kept_norms.setdefault(leaf, {})[(tensor,)] = float(tau.double().square().sum())
+            executor.kept_norms.setdefault(leaf, {})[(tensor,)] = float(kernels.squared_norms(tau[None]).sum())
             module = tensor.removesuffix(".weight")
             context = ops.Context(seed=executor.seed, modules=(module,), layout="embedding")
             value = ops.svd(Dense(tau.T.unsqueeze(0).contiguous()), dict(leaf.options), context)
@@ -70,7 +70,7 @@ def _task_vector(executor, comb: ir.Combination, tensor: str) -> torch.Tensor | 
 def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
     """‖Σ cᵢ·τᵢ‖² of one full-fine-tune tensor over `comb`."""
     value = _task_vector(executor, comb, tensor)
-    return float(value.double().square().sum()) if value is not None else 0.0
+    return float(kernels.squared_norms(value.reshape(1, -1)).sum()) if value is not None else 0.0
 
 
 def compute_parts(executor, form: ir.Combination, plans: tuple[PartPlan, ...]) -> dict[str, PartDelta]:
