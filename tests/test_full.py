@@ -211,6 +211,31 @@ def test_a_pickled_full_fine_tune_needs_allow_pickle(world, tmp_path, capsys):
         assert torch.allclose(got[name], w0 + 0.5 * (ft1[name] - w0), atol=ATOL), name
 
 
+def test_large_tensors_read_a_block_of_rows_at_a_time_give_the_same_result(world, tmp_path, monkeypatch):
+    """A module past the block size (a 128k-vocab lm_head in real life) is read and subtracted a
+    block of rows at a time: the extraction equals the whole-tensor reads' bit for bit."""
+    from safetensors.torch import load_file as load
+
+    from peftdsl.runtime import execute
+
+    path = recipe(tmp_path, world, "x: svd(0.6 * ft1 + 0.4 * ft2, rank=3)", "x: out/whole", sources=("ft1", "ft2"))
+    peftdsl.load(path).run()
+    whole = load(tmp_path / "out" / "whole" / "adapter_model.safetensors")
+    blocks = []
+    real = execute.Executor._dense_by_rows
+    monkeypatch.setattr(execute, "_ROW_BLOCK_ELEMENTS", 1000)  # ~15 rows of 64 a block
+    monkeypatch.setattr(execute, "modules_per_chunk", lambda *args: 1)  # one module a chunk, as for a huge one
+    monkeypatch.setattr(execute.Executor, "_dense_by_rows",
+                        lambda self, adapter, key: blocks.append(key) or real(self, adapter, key))
+    path = recipe(tmp_path, world, "x: svd(0.6 * ft1 + 0.4 * ft2, rank=3)", "x: out/rows", sources=("ft1", "ft2"))
+    peftdsl.load(path).run()
+    rows = load(tmp_path / "out" / "rows" / "adapter_model.safetensors")
+    assert "lm_head.weight" in blocks and "model.layers.0.mlp.down_proj.weight" in blocks
+    assert rows.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(rows[key], whole[key]), key
+
+
 def test_a_fine_tune_of_another_base_is_refused(world, tmp_path, capsys):
     path = recipe(tmp_path, world, "x: 0.5 * other", "x: {path: out/x, merge: true}", sources=("other",))
     assert main(["lint", "--format", "concise", str(path)]) == 1

@@ -190,11 +190,44 @@ class Executor:
     def read_dense(self, adapter: str, group: Group) -> Dense:
         """A full fine-tune's task vectors θ − θ_base on a group's modules, in the factor frame."""
         keys = [self.adapters[adapter].modules[m].keys[0] for m in group.modules]
+        if len(keys) == 1 and self.device.type == "cpu":
+            delta = self._dense_by_rows(adapter, keys[0])
+            if delta is not None:
+                return Dense(delta if group.layout == "linear" else delta.transpose(1, 2))
         tuned = self._read_stack(adapter, keys)
         # subtracted in its stored dtype (the float32 arithmetic happens element by element), so
         # that a 128k-row lm_head never has a second float32 copy beside τ
         delta = tuned.sub_(self._read_base_stack(keys))
         return Dense(delta if group.layout == "linear" else delta.transpose(1, 2))
+
+    def _dense_by_rows(self, adapter: str, key: str) -> torch.Tensor | None:
+        """θ − θ_base of one large tensor ([1, rows, cols], float32) built a block of rows at a
+        time, so that neither checkpoint's copy is ever held whole beside it (a 128k-vocab
+        `lm_head`: 1 GiB for τ, not 2.5). None where a whole read is as good (small tensors,
+        pickles)."""
+        tuned = self._shard(self.adapters[adapter].tensor_files[key])
+        base = self._shard(self.base.files[key]) if self.base is not None else None
+        if not isinstance(tuned, SafetensorsReader) or not isinstance(base, SafetensorsReader):
+            return None
+        shape = tuple(tuned.tensors[key].shape)
+        if len(shape) != 2 or shape[0] * shape[1] < _ROW_BLOCK_ELEMENTS:
+            return None
+        out = torch.empty((1, *shape), dtype=torch.float32)
+        step = max(1, _ROW_BLOCK_ELEMENTS // (4 * shape[1]))
+        try:
+            for start in range(0, shape[0], step):
+                stop = min(shape[0], start + step)
+                rows = out[0, start:stop]
+                rows.copy_(tuned.read_rows(key, start, stop))
+                if not all_finite(rows):
+                    raise InputDataError(f"adapter `{adapter}`: `{key}` holds NaN or infinite values")
+                base_rows = base.read_rows(key, start, stop)
+                if not all_finite(base_rows):
+                    raise InputDataError(f"the base model's `{key}` holds NaN or infinite values")
+                rows.sub_(base_rows)
+        except (SafetensorError, OSError) as err:
+            raise InputDataError(f"adapter `{adapter}`: cannot read `{key}` ({err})") from err
+        return out
 
     def _read_base_stack(self, keys: list[str]) -> torch.Tensor:
         """The base's tensors for `keys`, stacked on the device in their stored dtype, checked."""
@@ -211,6 +244,9 @@ class Executor:
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
         infos = [self.adapters[adapter].modules[m] for m in group.modules]
         return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
+
+
+_ROW_BLOCK_ELEMENTS = 1 << 24  # a tensor past this many elements (64 MiB in float32) is read in blocks of it
 
 
 def _dense_sum(parts: list[tuple[float, Value]]) -> Dense:

@@ -97,10 +97,18 @@ class _PartEvaluation:
                          saved_module=plan.saved_module)
 
     def combination(self, comb: ir.Combination, omitting: Omitting = NOTHING_OMITTED) -> torch.Tensor | None:
-        parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf, omitting)) is not None]
-        if not parts:
-            return None
-        return sum(coef * value for coef, value in parts)
+        """Σ cᵢ·vᵢ, accumulated in place: every vᵢ is a fresh tensor (a read, or an operator's
+        result), so a 128k-row embedding's task vector costs one float32 copy, not three."""
+        total = None
+        for term in comb.terms:
+            value = self.leaf(term.leaf, omitting)
+            if value is None:
+                continue
+            if total is None:
+                total = value.mul_(term.coef) if value.is_floating_point() else value * term.coef
+            else:
+                total.add_(value, alpha=term.coef)
+        return total
 
     def leaf(self, leaf: ir.Leaf, omitting: Omitting = NOTHING_OMITTED) -> torch.Tensor | None:
         if isinstance(leaf, ir.AdapterLeaf):
@@ -129,7 +137,7 @@ class _PartEvaluation:
             return stored * part.scaling
         if part.role == "tokens":
             return self._rows(part.rows, stored)
-        return stored if self.plan.mode == AFFINE else stored - self.base
+        return stored if self.plan.mode == AFFINE else stored.sub_(self.base)  # `stored` is a fresh read
 
     def _rows(self, rows: tuple[int, ...], stored: torch.Tensor) -> torch.Tensor:
         """Token rows placed in the frame of the union of rows; 0 (no change) on rows not trained."""
@@ -160,7 +168,7 @@ def _read_base(executor, plan: PartPlan) -> torch.Tensor:
         raise InputDataError(f"cannot read `{plan.tensor}` from the base ({err})") from err
     if not all_finite(tensor):
         raise InputDataError(f"the base's `{plan.tensor}` holds NaN or infinite values")
-    tensor = tensor.to(executor.device, torch.float32)
+    tensor = tensor.to(executor.device)  # its stored dtype: subtracted from float32 reads, element by element
     if plan.rows:
         tensor = tensor.index_select(0, torch.tensor(plan.rows, device=tensor.device))
     return tensor
