@@ -15,17 +15,29 @@ row contributes 0 there. Operators carry parts as their registry row says: linea
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from peftdsl import ir
 from peftdsl.errors import InputDataError, InternalError
 from peftdsl.operators import OPERATORS, Parts
-from peftdsl.parts import (AFFINE, DELTA, NOTHING_OMITTED, TASK, Omitting, PartPlan, drops_full_parts,
-                           extracts_embeddings, omitted_tensors)
+from peftdsl.parts import (
+    AFFINE,
+    DELTA,
+    NOTHING_OMITTED,
+    TASK,
+    Omitting,
+    PartPlan,
+    drops_full_parts,
+    extracts_embeddings,
+    linear_coefficients,
+    omitted_tensors,
+)
 from peftdsl.runtime import kernels, ops
 from peftdsl.runtime.fold import LoraDelta, PartDelta
-from peftdsl.runtime.values import Dense, folded_B
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
+from peftdsl.runtime.values import Dense, folded_B
 
 
 def dropped_tensors(adapters, leaf: ir.OpLeaf) -> tuple[str, ...]:
@@ -68,9 +80,48 @@ def _task_vector(executor, comb: ir.Combination, tensor: str) -> torch.Tensor | 
 
 
 def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
-    """‖Σ cᵢ·τᵢ‖² of one full-fine-tune tensor over `comb`."""
-    value = _task_vector(executor, comb, tensor)
-    return float(kernels.squared_norms(value.reshape(1, -1)).sum()) if value is not None else 0.0
+    """‖Σ cᵢ·τᵢ‖² of one full-fine-tune tensor over `comb`. Where `comb` is linear in its
+    sources (no `ties`/`dare` inside), a block of rows at a time, so that a 128k-row embedding
+    is never held whole; otherwise from the whole task vector."""
+    coefs = linear_coefficients(comb)
+    readers = _row_readers(executor, tensor, coefs) if coefs is not None else None
+    if readers is None:
+        value = _task_vector(executor, comb, tensor)
+        return float(kernels.squared_norms(value.reshape(1, -1)).sum()) if value is not None else 0.0
+    base, terms = readers
+    rows = base.tensors[tensor].shape[0] if base.tensors[tensor].shape else 1
+    width = max(1, math.prod(base.tensors[tensor].shape[1:]))
+    step = max(1, (1 << 22) // width)
+    total = 0.0
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        origin = base.read_rows(tensor, start, stop).float()
+        block = torch.zeros_like(origin)
+        for coef, reader in terms:
+            block.add_(reader.read_rows(tensor, start, stop).float() - origin, alpha=coef)
+        total += float(block.double().square().sum())
+    return total
+
+
+def _row_readers(executor, tensor: str, coefs: dict[str, float]):
+    """The base's and each carrying source's safetensors readers of `tensor`, for reading it in
+    blocks of rows; None where one is not a safetensors file (a pickle) or the tensor is a scalar."""
+    from peftdsl.runtime.tensorio import SafetensorsReader
+
+    base_file = executor.base.files.get(tensor) if executor.base is not None else None
+    if base_file is None:
+        return None
+    base = executor.reader(base_file)
+    terms = []
+    for name, coef in coefs.items():
+        info = executor.adapters[name]
+        part = info.parts.get(tensor)
+        if part is None or part.role != "full" or tensor not in info.tensor_files:
+            continue
+        terms.append((coef, executor.reader(info.tensor_files[tensor])))
+    if not isinstance(base, SafetensorsReader) or not all(isinstance(r, SafetensorsReader) for _, r in terms):
+        return None
+    return (base, terms) if base.tensors[tensor].shape else None
 
 
 def compute_parts(executor, form: ir.Combination, plans: tuple[PartPlan, ...]) -> dict[str, PartDelta]:
