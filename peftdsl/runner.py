@@ -570,7 +570,10 @@ def available_memory(device) -> int | None:
 def planned_memory(analysis: Analysis, options: RunOptions, evals: Sequence) -> tuple[int, str]:
     """Peak bytes the run needs, and the composition that needs them (lower.planned_peak)."""
     outputs = _selected_outputs(analysis, options.only)
-    streamed = [o.name for o in outputs if not o.merge and analysis.canonical[o.name].kind is Kind.LORA]
+    # written a chunk at a time: LoRA adapters, and dense merges (each delta computed as its shard
+    # reaches it, peftdsl.runner._LazyDeltas); merged LoRA and (IA)³ outputs hold their results
+    streamed = [o.name for o in outputs if (not o.merge and analysis.canonical[o.name].kind is Kind.LORA)
+                or (o.merge and analysis.canonical[o.name].kind is Kind.DENSE)]
     held = [o.name for o in outputs if o.name not in streamed]
     held += [m for t in evals for m in t.models if m != "base"]
     return planned_peak(analysis, streamed=streamed, held=held, with_base=bool(evals))
