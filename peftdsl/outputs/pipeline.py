@@ -231,6 +231,12 @@ class _TensorMerge:
         self.buffer: torch.Tensor | None = None  # whole mode: the tensor put together
         self.overflow: torch.Tensor | None = None  # a block whose cast overflowed (a copy)
         self.nonfinite = False  # some merged block holds NaN or Inf before the cast
+        # rows mode: blocks handed to workers and not merged yet, and whether the last was
+        # handed; once both say done, the folds (and the deltas they hold) are let go, so a
+        # shard's merges do not keep every delta of the shard alive until it closes
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._all_handed = False
 
     def start(self, split: bool) -> str:
         if self.mode is None:
@@ -279,6 +285,19 @@ class _TensorMerge:
                 self.overflow = current.clone()
             else:
                 self.nonfinite = True
+
+    def handed(self, block: _Block) -> None:
+        """A block goes to a worker (rows and cast modes)."""
+        with self._lock:
+            self._in_flight += 1
+            self._all_handed = self._all_handed or block.last
+
+    def merged(self) -> None:
+        """A worker finished one of this tensor's blocks: after the last, drop the folds."""
+        with self._lock:
+            self._in_flight -= 1
+            if self._all_handed and not self._in_flight:
+                self.folds, self.part = [], None
 
     def check(self) -> None:
         """After every block is merged: raise an overflow, as ``stored`` would on the whole tensor."""
@@ -459,6 +478,7 @@ class _Pipeline:
         else:
             with self.idle:
                 self.pending += 1
+            merge.handed(block)
             self.tasks.put((merge, block))
 
     def write(self, op: tuple, *, nbytes: int = 0, give: tuple | None = None) -> None:
@@ -538,7 +558,10 @@ class _Pipeline:
                 if buffer is None:
                     return
                 out = _view(buffer, merge.out_dtype, shape)
-                merge.merge_block(block, work, out)
+                try:
+                    merge.merge_block(block, work, out)
+                finally:
+                    merge.merged()
                 self.read_pool.give(block.buffer)
                 self.write(("write", block.entry.name, block.start if block.split else None, out),
                            give=(self.out_pool, buffer))

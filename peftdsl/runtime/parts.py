@@ -139,7 +139,7 @@ class _PartEvaluation:
         if value is None:
             raise InternalError(f"no term of the form carries `{self.plan.tensor}`")
         if self.base is not None:
-            value = self.base + value
+            value = value.add_(self.base) if value.dtype == torch.float32 else self.base + value  # value is fresh
         if not all_finite(value):
             raise InputDataError(f"the result for `{self.plan.tensor}` is not finite (float32 overflow): "
                                  "scale the coefficients down")
