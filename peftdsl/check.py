@@ -822,6 +822,8 @@ def _check_evals(analysis: Analysis, sink: Sink, use_files: bool) -> None:
             sink.emit("E501", f"eval `{target.name}` asks for max_length {max_length}, but the base model has "
                       f"{positions} positions: sequences are cut at {positions}", target.span,
                       severity=Severity.WARNING, help=f"set `max_length: {positions}` or less")
+        if not analysis.task_known:  # `lint --no-inputs`: metric and labels are checked once the base is read
+            continue
         if target.metric not in tasks.metrics(task):
             offered = ", ".join(f"`{m}`" for m in tasks.metrics(task)) or "none yet"
             sink.emit("E501", f"eval `{target.name}` asks for `{target.metric}`, which a {task} model has no "

@@ -50,6 +50,14 @@ class Analysis:
         return tasks.model_task((info.task_type for info in self.adapters.values()),
                                 self.base.config if self.base else None)
 
+    @property
+    def task_known(self) -> bool:
+        """Whether `task` comes from the inputs: an adapter's `task_type`, or the base's config
+        once read. With `lint --no-inputs` (no base read) a silent recipe's task is unknown,
+        and checks that depend on it wait for the inputs instead of assuming a causal LM."""
+        return self.base is not None or tasks.declared_task(
+            (info.task_type for info in self.adapters.values()), None) is not None
+
     def at(self, params: Mapping[str, float], sink: Sink | None = None) -> Analysis:
         """The same recipe with its forms canonicalised at `params` (a sweep point, say);
         what canonicalising there finds (a division by zero, a cancellation) goes to `sink`."""

@@ -122,6 +122,26 @@ def test_lint_recipes_is_clean():
     assert kinds <= {"note"}, proc.stdout + proc.stderr
 
 
+def test_lint_recipes_without_inputs_is_clean():
+    """The pre-commit form (`--no-inputs`: no base or adapter read) finds no error either: a check
+    that needs the model's task (a classifier's integer labels) waits for the inputs instead of
+    taking every recipe for a causal LM."""
+    proc = peftdsl("lint", "--no-inputs", "recipes", "--format", "concise")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "error[" not in proc.stdout + proc.stderr
+
+
+def test_classifier_labels_are_still_checked_once_the_inputs_are_read(tmp_path):
+    text = (ROOT / "recipes" / "demo" / "roberta_generalisation.yaml").read_text()
+    assert "labels: {pos: 0, neg: 1}" in text
+    bad = tmp_path / "roberta.yaml"
+    bad.write_text(text.replace("labels: {pos: 0, neg: 1}", 'labels: {pos: " positive", neg: " negative"}')
+                   .replace("assets/", str(ROOT / "recipes" / "demo" / "assets") + "/")
+                   .replace("data/", str(ROOT / "recipes" / "demo" / "data") + "/"))
+    proc = peftdsl("lint", str(bad), "--format", "concise")
+    assert proc.returncode == 1 and "error[E501]" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes" / "examples").glob("*.yaml")))
 def test_example_recipes_run(recipe, tmp_path):
     """The examples in recipes/examples run end to end on the shipped demo assets."""
