@@ -156,9 +156,9 @@ class Session:
     def dropped(self, name: str) -> list[str]:
         """What each `svd` of composition `name` that dropped full-fine-tune tensors left out,
         with the share of its argument's norm they held (DESIGN §2; lint's T415 names them)."""
-        lines = []
+        lines, task = [], lower(self.analysis, name)
         for leaf in op_leaves(self.analysis.canonical[name]):
-            with self._task_errors(lower(self.analysis, name), name):
+            with self._task_errors(task, name):
                 share = self.executor.dropped_share(leaf)
             if share is not None:
                 fraction, tensors = share

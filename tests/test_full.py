@@ -158,7 +158,7 @@ def test_embed_true_extracts_the_embeddings_as_embedding_lora(world, tmp_path, c
     base, ft1, ft2 = state(world / "base"), state(world / "ft1"), state(world / "ft2")
     out = tmp_path / "out" / "x"
     config = json.loads((out / "adapter_config.json").read_text())
-    assert "model.embed_tokens" in config["target_modules"] or "embed_tokens" in str(config["target_modules"])
+    assert "model.embed_tokens" in config["target_modules"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), out)

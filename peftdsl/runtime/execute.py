@@ -249,18 +249,6 @@ class Executor:
 _ROW_BLOCK_ELEMENTS = 1 << 24  # a tensor past this many elements (64 MiB in float32) is read in blocks of it
 
 
-def _dense_sum(parts: list[tuple[float, Value]]) -> Dense:
-    """Σ cᵢ·ΔWᵢ with one new stack at most (a term's value may be shared with other leaves, so
-    it is never changed in place); a lone term of weight 1 is its value."""
-    (coef, first), *rest = parts
-    if not rest and coef == 1.0 and isinstance(first, Dense):
-        return first
-    total = dense_of(first) * coef
-    for coef, value in rest:
-        total.add_(dense_of(value), alpha=coef)
-    return Dense(total)
-
-
 def _stacked(reads: list[torch.Tensor]) -> torch.Tensor:
     """One-tensor reads (each [1, …]) as one stack; a single read is used as it is, not copied."""
     return reads[0] if len(reads) == 1 else torch.cat(reads)
@@ -326,7 +314,7 @@ class _Evaluation:
         return self._operator(leaf)
 
     def combination(self, comb: ir.Combination) -> Value | None:
-        if comb.kind is Kind.DENSE and len(comb.terms) > 1:
+        if comb.kind is Kind.DENSE:
             return self._dense_combination(comb)
         parts = [(t.coef, v) for t in comb.terms if (v := self.leaf(t.leaf)) is not None]
         if not parts:
@@ -338,27 +326,29 @@ class _Evaluation:
                 return parts[0][1]
             A, B = kernels.exact_sum([(c, v.A, v.B, v.scale) for c, v in parts])
             return Lora(A, B)
-        return _dense_sum(parts)
+        return self._dense_combination(comb)  # dense values under another kind: summed all the same
 
     def _dense_combination(self, comb: ir.Combination) -> Dense | None:
         """Σ cᵢ·xᵢ of a dense form, each term added as soon as it is read: a full fine-tune's τ
         is not kept for later (it is read again if another leaf needs it), so three fine-tunes
-        of a 128k-vocab model hold two `lm_head`-sized tensors at a time, not four."""
+        of a 128k-vocab model hold two `lm_head`-sized tensors at a time, not four. A lone
+        term of weight 1 is its value; otherwise the sum is one new stack (`dense_of(x) * c`
+        allocates), so no leaf's value is ever changed in place."""
         total = None
         for term in comb.terms:
             leaf = term.leaf
-            fresh = self._read_once(leaf)
-            value = self._compute(leaf) if fresh else self.leaf(leaf)
+            value = self._compute(leaf) if self._read_once(leaf) else self.leaf(leaf)
             if value is None:
                 continue
             if total is None:
-                total = _dense_sum([(term.coef, value)]).delta
-                if not fresh and total is getattr(value, "delta", None):  # shared with other leaves
-                    total = total.clone()
+                total = value if term.coef == 1.0 and isinstance(value, Dense) and len(comb.terms) == 1 \
+                    else dense_of(value) * term.coef
             else:
                 total.add_(dense_of(value), alpha=term.coef)
             del value
-        return Dense(total) if total is not None else None
+        if total is None:
+            return None
+        return total if isinstance(total, Dense) else Dense(total)
 
     def _read_once(self, leaf: ir.Leaf) -> bool:
         return (isinstance(leaf, ir.AdapterLeaf) and leaf.name in self.present

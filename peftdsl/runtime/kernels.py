@@ -245,9 +245,8 @@ def squared_norms(stack: Tensor) -> Tensor:
     would be 2 GiB."""
     flat = stack.reshape(stack.shape[0], -1)
     total = torch.zeros(flat.shape[0], dtype=torch.float64, device=stack.device)
-    step = max(1, _NORM_BLOCK)
-    for start in range(0, flat.shape[1], step):
-        total += flat[:, start:start + step].double().square().sum(dim=1)
+    for start in range(0, flat.shape[1], _NORM_BLOCK):
+        total += flat[:, start:start + _NORM_BLOCK].double().square().sum(dim=1)
     return total
 
 
