@@ -207,11 +207,7 @@ class Session:
         template = analysis.adapters[adapter_leaves(form)[0]].config
         try:
             if out.merge:
-                dense = form.kind is Kind.DENSE  # full-size deltas: computed as the shards reach them
-                deltas = self.lazy_deltas(out.name) if dense else self.deltas(out.name)
-                parts = self.parts(out.name) if dense else None
-                transform = merge.merge_transform(deltas, dense=dense, parts=parts, base_dir=analysis.base.path,
-                                                  allow_pickle=self.allow_pickle)
+                transform = self._merge_transform(out.name)
                 merge.write_merged(out.path, base_dir=analysis.base.path, transform=transform, dtype=out.dtype,
                                    force=force, allow_pickle=self.allow_pickle, provenance=provenance,
                                    task=analysis.task, card=card)
@@ -239,6 +235,24 @@ class Session:
                            out.span, help="nothing was left half-written at the output path")
             raise _fail(self.sink) from None
         self.written.append(out.name)
+
+    def _merge_transform(self, name: str):
+        """What a merged output of composition `name` folds into the base: task arithmetic over
+        full fine-tunes straight from their rows (peftdsl.outputs.task_arithmetic); other dense
+        forms' deltas computed as the shards reach them; the rest's computed first."""
+        from peftdsl.outputs import merge, task_arithmetic
+
+        analysis, form = self.analysis, self.analysis.canonical[name]
+        dense = form.kind is Kind.DENSE
+        if dense:
+            streamed = task_arithmetic.plan(form, lower(analysis, name), analysis.adapters, analysis.base,
+                                            self.executor.reader)
+            if streamed is not None:
+                return streamed
+        deltas = self.lazy_deltas(name) if dense else self.deltas(name)
+        parts = self.parts(name) if dense else None
+        return merge.merge_transform(deltas, dense=dense, parts=parts, base_dir=analysis.base.path,
+                                     allow_pickle=self.allow_pickle)
 
     def _pickled_base(self, err) -> None:
         self.sink.emit("I310", f"the base model stores its weights as a pickle (`{err.path.name}`)",

@@ -82,6 +82,69 @@ def test_task_arithmetic_over_full_fine_tunes_and_a_lora(world, tmp_path):
     assert model is not None
 
 
+def merged_bytes(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def bf16_world(world, tmp_path_factory):
+    """The world's base and fine-tunes stored in bfloat16, as real checkpoints are."""
+    root = tmp_path_factory.mktemp("full-bf16")
+    for name in ("base", "ft1", "ft2"):
+        model = AutoModelForCausalLM.from_pretrained(world / name).to(torch.bfloat16)
+        model.save_pretrained(root / name, max_shard_size="200KB" if name == "ft2" else "5GB")
+    return root
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_task_arithmetic_from_rows_is_the_general_merge_bit_for_bit(world, bf16_world, tmp_path, monkeypatch,
+                                                                   stored, dtype):
+    """A linear combination of full fine-tunes is merged from their rows as the pipeline reads them
+    (peftdsl.outputs.task_arithmetic), in blocks and cache-sized pieces: the very bytes of the
+    general path, which computes each τ whole first; and what mergekit's formula says."""
+    from peftdsl.outputs import pipeline, task_arithmetic
+
+    root = world if stored == "float32" else bf16_world
+    outputs = "{path: out/%s, merge: true" + (f", dtype: {dtype}" if dtype else "") + "}"
+    planned = []
+    real = task_arithmetic.plan
+    monkeypatch.setattr(task_arithmetic, "plan", lambda *args: planned.append(real(*args)) or planned[-1])
+    monkeypatch.setattr(task_arithmetic, "PIECE", 100)  # pieces that end inside rows
+    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1024)  # tensors of several blocks
+    monkeypatch.setattr(pipeline, "MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(pipeline, "ROW_ALIGN", 8)
+    compose = "x: 0.6 * ft1 - 0.3 * ft2"
+    peftdsl.load(recipe(tmp_path, root, compose, "x: " + outputs % "rows", sources=("ft1", "ft2"))).run()
+    assert isinstance(planned[0], task_arithmetic.TaskArithmetic)
+    assert len(planned[0].terms) == len(state(root / "base"))  # every tensor, embeddings and norms too
+    monkeypatch.setattr(task_arithmetic, "plan", lambda *args: None)
+    peftdsl.load(recipe(tmp_path, root, compose, "x: " + outputs % "general", sources=("ft1", "ft2"))).run()
+    assert merged_bytes(tmp_path / "out" / "rows") == merged_bytes(tmp_path / "out" / "general")
+    base, ft1, ft2 = state(root / "base"), state(root / "ft1"), state(root / "ft2")
+    got = state(tmp_path / "out" / "rows")
+    for name, w0 in base.items():
+        expected = w0 + 0.6 * (ft1[name] - w0) - 0.3 * (ft2[name] - w0)
+        assert torch.allclose(got[name], expected, atol=ATOL if stored == dtype == "float32" else 1e-2), name
+
+
+def test_task_arithmetic_from_rows_refuses_a_non_finite_fine_tune(world, tmp_path, capsys):
+    """A NaN in one fine-tune's tensor stops the streamed merge with R601, naming the source and
+    the tensor, and leaves nothing at the output path."""
+    broken = tmp_path / "broken"
+    shutil.copytree(world / "ft1", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    text = recipe(tmp_path, world, "x: 0.5 * ft1 + 0.5 * ft2", "x: {path: out/x, merge: true}",
+                  sources=("ft1", "ft2")).read_text().replace(str(world / "ft1"), str(broken))
+    (tmp_path / "recipe.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "recipe.yaml")]) == 1
+    out = capsys.readouterr().err
+    assert "R601" in out and "adapter `ft1`: `model.layers.1.mlp.up_proj.weight` holds NaN" in out, out
+    assert not (tmp_path / "out" / "x").exists()
+
+
 def test_ties_over_full_task_vectors(world, tmp_path):
     from peft.utils.merge_utils import ties
 

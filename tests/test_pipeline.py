@@ -213,7 +213,8 @@ def merged(target: Path, base: Path, transform=None, **options) -> dict[str, byt
 
 def whole_tensors_only(monkeypatch) -> None:
     """Every float tensor through ``merged_tensor`` whole, as earlier releases merged them."""
-    monkeypatch.setattr(pipeline._TensorMerge, "_mode", lambda self, split: "copy" if self.compute is None else "whole")
+    monkeypatch.setattr(pipeline._TensorMerge, "_mode",
+                        lambda self, split, streamed=False: "copy" if self.compute is None else "whole")
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
@@ -233,8 +234,8 @@ def test_split_merge_writes_the_bytes_of_the_whole_merge(tmp_path, monkeypatch, 
     real_mode, real_read = pipeline._TensorMerge._mode, tensorio.SafetensorsReader.read_rows
     smallest_blocks(monkeypatch)
     monkeypatch.setattr(pipeline, "WRITEBACK_BYTES", 1)  # writeback started after every write
-    monkeypatch.setattr(pipeline._TensorMerge, "_mode", lambda self, split: modes.append(
-        (self.entry.name, real_mode(self, split))) or modes[-1][1])
+    monkeypatch.setattr(pipeline._TensorMerge, "_mode", lambda self, split, streamed=False: modes.append(
+        (self.entry.name, real_mode(self, split, streamed))) or modes[-1][1])
     monkeypatch.setattr(tensorio.SafetensorsReader, "read_rows",
                         lambda self, *a, **k: reads.append(a) or real_read(self, *a, **k))
     assert merged(tmp_path / "split", base, dtype=dtype) == reference

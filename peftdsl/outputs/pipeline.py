@@ -64,7 +64,7 @@ import torch
 from peftdsl.errors import InputDataError
 from peftdsl.outputs.write import SAFETENSORS_METADATA
 from peftdsl.runtime.fold import check_part, fold_part, part_rows
-from peftdsl.runtime.tensorio import StreamingSafetensors, all_finite, stored
+from peftdsl.runtime.tensorio import TORCH_DTYPES, StreamingSafetensors, all_finite, stored
 
 if TYPE_CHECKING:
     from peftdsl.outputs.merge import TensorEntry, Transform
@@ -113,7 +113,8 @@ def write_shards(
     """
     entries = [entry for shard in shards for entry in shard]
     weight_map: dict[str, str] = {}
-    with _torch_threads(1), _Pipeline(entries, open_source, MERGE_WORKERS) as pipe:
+    reads = getattr(transform, "reads", None)
+    with _torch_threads(1), _Pipeline(entries, open_source, MERGE_WORKERS, reads) as pipe:
         blocks = pipe.blocks()
         for number, shard in enumerate(shards, start=1):
             filename = f"model-{number:05d}-of-{count:05d}.safetensors"
@@ -210,6 +211,9 @@ class _Block:
     buffer: torch.Tensor  # the read pool's, given back once data is used
     split: bool
     last: bool
+    # the same rows of the tensors the transform reads beside this one (``reads``), as
+    # stored, each with its read pool buffer: a fine-tune's rows for task arithmetic
+    inputs: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
 class _TensorMerge:
@@ -238,9 +242,9 @@ class _TensorMerge:
         self._in_flight = 0
         self._all_handed = False
 
-    def start(self, split: bool) -> str:
+    def start(self, block: _Block) -> str:
         if self.mode is None:
-            self.mode = self._mode(split)
+            self.mode = self._mode(block.split, streamed=bool(block.inputs))
         return self.mode
 
     def collect(self, block: _Block) -> None:
@@ -265,8 +269,12 @@ class _TensorMerge:
         current = work.copy_(block.data)  # the float32 rows: exact from the stored dtype
         touched = False
         if self.mode == "rows":
+            inputs = [data for data, _ in block.inputs]
             for name, fold in self.folds:
-                changed = fold(current, block.start, block.stop)
+                if inputs and name == self.entry.name:  # the rows read beside it are its fold's
+                    changed = fold(current, block.start, block.stop, inputs)
+                else:
+                    changed = fold(current, block.start, block.stop)
                 if changed is not None:
                     if changed.shape != current.shape:
                         raise ValueError(f"transform changed the shape of rows {block.start}:{block.stop} of "
@@ -304,7 +312,9 @@ class _TensorMerge:
         if self.overflow is not None and not self.nonfinite:
             stored(self.overflow, self.out_dtype, self.entry.name)  # raises: finite in float32, not when cast
 
-    def _mode(self, split: bool) -> str:
+    def _mode(self, split: bool, streamed: bool = False) -> str:
+        """``streamed``: the transform reads more rows beside this tensor's (``reads``), which
+        only its row fold takes, so the tensor goes by rows even when it is one block."""
         if self.compute is None:
             return "copy"  # integer tensors are never transformed
         changes = getattr(self.transform, "changes", None)
@@ -312,11 +322,13 @@ class _TensorMerge:
         if changes is not None and not changing and self.part is None:
             return "copy" if self.out_dtype == self.entry.dtype else "cast"
         rows = getattr(self.transform, "rows", None)
-        if not split or rows is None:
+        if rows is None or not (split or streamed):
             return "whole"
         for name in changing:
             fold = rows(name, self.entry.shape)
             if fold is None:
+                if streamed:
+                    raise ValueError(f"the transform reads rows beside `{name}` but has no row fold for it")
                 self.folds = []
                 return "whole"
             self.folds.append((name, fold))
@@ -372,21 +384,30 @@ class _Pool:
 
     def take(self, nbytes: int) -> torch.Tensor | None:
         """A buffer of at least ``nbytes``; None when a thread has failed: stop."""
-        size = max(1, -(-nbytes // self.GRAIN)) * self.GRAIN
+        buffers = self.take_all([nbytes])
+        return None if buffers is None else buffers[0]
+
+    def take_all(self, sizes: Sequence[int]) -> list[torch.Tensor] | None:
+        """Buffers of at least ``sizes`` bytes, taken together (a block and the rows read beside
+        it: taken one by one, two readers' halves could wait on each other); None on failure."""
+        sizes = [max(1, -(-nbytes // self.GRAIN)) * self.GRAIN for nbytes in sizes]
         with self.cond:
-            while self.used and self.used + size > self.capacity and not self.failure:
+            while self.used and self.used + sum(sizes) > self.capacity and not self.failure:
                 self.cond.wait()
             if self.failure:
                 return None
-            fits = [i for i, b in enumerate(self.free) if b.numel() >= size]
-            if fits:
-                buffer = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
-                self.used += buffer.numel()
-                return buffer
-            self.free.sort(key=torch.Tensor.numel)
-            while self.free and self.used + size + sum(b.numel() for b in self.free) > self.capacity:
-                self.free.pop()  # the largest: none of them holds this request
-            self.used += size
+            return [self._one(size) for size in sizes]
+
+    def _one(self, size: int) -> torch.Tensor:
+        fits = [i for i, b in enumerate(self.free) if b.numel() >= size]
+        if fits:
+            buffer = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+            self.used += buffer.numel()
+            return buffer
+        self.free.sort(key=torch.Tensor.numel)
+        while self.free and self.used + size + sum(b.numel() for b in self.free) > self.capacity:
+            self.free.pop()  # the largest: none of them holds this request
+        self.used += size
         return torch.empty(size, dtype=torch.uint8)
 
     def give(self, buffer: torch.Tensor) -> None:
@@ -425,8 +446,10 @@ _END = object()
 class _Pipeline:
     """The reader, the workers and the writer around the calling thread's loop over blocks."""
 
-    def __init__(self, entries: Sequence[TensorEntry], open_source: Callable, workers: int):
+    def __init__(self, entries: Sequence[TensorEntry], open_source: Callable, workers: int,
+                 reads: Callable | None = None):
         self.failure = _Failure()
+        self.reads = reads
         self.read_pool = _Pool(READ_AHEAD_BYTES, self.failure)
         self.out_pool = _Pool(WRITE_BEHIND_BYTES, self.failure)
         self.whole_budget = _Budget(WRITE_BEHIND_BYTES, self.failure)
@@ -468,13 +491,15 @@ class _Pipeline:
     def merge(self, merge: _TensorMerge, block: _Block) -> None:
         """Hand one block on: to the writer as it is, to a worker, or to its tensor's buffer."""
         self._raise()
-        mode = merge.start(block.split)
+        mode = merge.start(block)
         if mode == "copy":  # the read buffer goes to the writer, which gives it back
             self.write(("write", block.entry.name, block.start if block.split else None, block.data),
                        give=(self.read_pool, block.buffer))
         elif mode == "whole":
             merge.collect(block)
             self.read_pool.give(block.buffer)
+            for _, buffer in block.inputs:  # never: a tensor with rows read beside it goes by rows
+                self.read_pool.give(buffer)
         else:
             with self.idle:
                 self.pending += 1
@@ -521,6 +546,7 @@ class _Pipeline:
         stack = contextlib.ExitStack()
         with stack:
             source = reader = None
+            sequential: set[int] = set()  # the files read beside the base's, told once
             for entry in entries:
                 if entry.source != source:
                     stack.close()  # one input file open at a time
@@ -528,18 +554,24 @@ class _Pipeline:
                     source = entry.source
                     _read_sequentially(reader)
                 blocks = row_blocks(entry.shape)
+                beside = self.reads(entry.name) if self.reads is not None else ()
+                for other, _ in beside:
+                    if id(other) not in sequential:
+                        sequential.add(id(other))
+                        _read_sequentially(other)
                 for i, (start, stop) in enumerate(blocks or [(0, entry.shape[0] if entry.shape else 1)]):
                     shape = (stop - start, *entry.shape[1:]) if blocks is not None else entry.shape
-                    buffer = self.read_pool.take(math.prod(shape) * entry.dtype.itemsize)
-                    if buffer is None:
+                    sizes = [math.prod(shape) * dtype.itemsize
+                             for dtype in (entry.dtype, *(_stored_dtype(other, key) for other, key in beside))]
+                    buffers = self.read_pool.take_all(sizes)
+                    if buffers is None:
                         return
-                    data = _view(buffer, entry.dtype, shape)
-                    if entry.shape:
-                        reader.read_rows(entry.name, start, stop, out=buffer)
-                    else:  # a scalar
-                        data.copy_(reader.read(entry.name))
+                    data = _read_block(reader, entry.name, entry.dtype, shape, start, stop, buffers[0])
+                    inputs = tuple((_read_block(other, key, _stored_dtype(other, key), shape, start, stop, buffer),
+                                    buffer) for (other, key), buffer in zip(beside, buffers[1:]))
                     last = blocks is None or i == len(blocks) - 1
-                    self.read_queue.put(_Block(entry, start, stop, data, buffer, blocks is not None, last))
+                    self.read_queue.put(_Block(entry, start, stop, data, buffers[0], blocks is not None, last,
+                                               inputs))
 
     def _work(self) -> None:
         scratch: dict[torch.dtype, torch.Tensor] = {}  # this worker's compute buffers, grown as needed
@@ -562,7 +594,8 @@ class _Pipeline:
                     merge.merge_block(block, work, out)
                 finally:
                     merge.merged()
-                self.read_pool.give(block.buffer)
+                for read in (block.buffer, *(read for _, read in block.inputs)):
+                    self.read_pool.give(read)
                 self.write(("write", block.entry.name, block.start if block.split else None, out),
                            give=(self.out_pool, buffer))
             finally:
@@ -607,6 +640,21 @@ class _Pipeline:
         finally:
             if writer is not None:
                 writer.abort()
+
+
+def _stored_dtype(reader, key: str) -> torch.dtype:
+    return TORCH_DTYPES[reader.tensors[key].dtype]
+
+
+def _read_block(reader, key: str, dtype: torch.dtype, shape: Sequence[int], start: int, stop: int,
+                buffer: torch.Tensor) -> torch.Tensor:
+    """Rows ``start:stop`` of ``key`` (the whole of a scalar) into ``buffer``, as a tensor of ``shape``."""
+    data = _view(buffer, dtype, shape)
+    if shape:
+        reader.read_rows(key, start, stop, out=buffer)
+    else:  # a scalar
+        data.copy_(reader.read(key))
+    return data
 
 
 def _read_sequentially(reader) -> None:
