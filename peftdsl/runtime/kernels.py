@@ -236,25 +236,32 @@ def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
     return A, B, Spectrum(sigma, total)
 
 
-_NORM_BLOCK = 1 << 22  # elements per float64 block (32 MiB)
+_NORM_PIECE = 1 << 16  # elements widened to float64 at a time: 512 KiB, in cache
 
 
 def squared_norms(stack: Tensor) -> Tensor:
-    """‖Xᵢ‖²_F of each matrix of ``[g, out, in]`` (or of one tensor, as ``[1, …]``), accumulated
-    in float64 a block of rows at a time: a float64 copy of a 128k-vocab ``lm_head`` delta
-    would be 2 GiB."""
+    """‖Xᵢ‖²_F of each matrix of ``[g, out, in]`` (or of one tensor, as ``[1, …]``), summed in
+    float64: a piece at a time widened into one cached buffer and dotted with itself, which
+    is exact to float64 rounding and an order of magnitude faster than squaring a float64
+    copy (a float64 copy of a 128k-vocab ``lm_head`` delta would be 2 GiB)."""
     flat = stack.reshape(stack.shape[0], -1)
     total = torch.zeros(flat.shape[0], dtype=torch.float64, device=stack.device)
-    for start in range(0, flat.shape[1], _NORM_BLOCK):
-        total += flat[:, start:start + _NORM_BLOCK].double().square().sum(dim=1)
+    if flat.shape[1] == 0:
+        return total
+    buffer = torch.empty(min(flat.shape[1], _NORM_PIECE), dtype=torch.float64, device=stack.device)
+    for i, row in enumerate(flat):
+        for start in range(0, row.numel(), _NORM_PIECE):
+            part = row[start:start + _NORM_PIECE]
+            piece = buffer[:part.numel()].copy_(part)
+            total[i] += torch.dot(piece, piece)
     return total
 
 
 # A dense SVD of an n×n matrix costs O(n³); past this side (and for ranks well below it) a
 # randomized SVD with power iterations finds the top-k subspace in O(n²·k).
 RANDOMIZED_MIN_SIDE = 1024
-RANDOMIZED_OVERSAMPLE = 16
-RANDOMIZED_POWER_ITERATIONS = 4
+RANDOMIZED_OVERSAMPLE = 32
+RANDOMIZED_POWER_ITERATIONS = 8
 
 
 def uses_randomized_svd(out_features: int, in_features: int, rank: int) -> bool:
@@ -265,26 +272,55 @@ def uses_randomized_svd(out_features: int, in_features: int, rank: int) -> bool:
 def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generator] | None = None,
                    oversample: int = RANDOMIZED_OVERSAMPLE,
                    iterations: int = RANDOMIZED_POWER_ITERATIONS) -> tuple[Tensor, Tensor, Tensor]:
-    """Top singular triplets of ``[g, out, in]`` (Halko, Martinsson & Tropp 2011, alg. 4.4).
+    """Top singular triplets of ``[g, out, in]`` by randomized block Krylov iteration
+    (Musco & Musco 2015, alg. 2; Halko, Martinsson & Tropp 2011, alg. 4.4, is its last block).
 
-    A Gaussian test matrix of ``rank + oversample`` columns, drawn from each module's
-    seeded generator (the same bytes on every run), then power iterations with a QR after
-    each product, which keeps float32 from washing out the small singular values. The
-    small projected matrix gets an exact SVD. Returns ``rank + oversample`` triplets
+    A Gaussian test block of ``rank + oversample`` columns, drawn from each module's seeded
+    generator (the same bytes on every run), then power iterations with a QR after each
+    product (float32 would otherwise wash out the small singular values). Where plain
+    subspace iteration keeps only its last block, this keeps the blocks of every iteration
+    (as many as fit in half the smaller side) and takes the best rank-k approximation within
+    their span: fine-tunes' spectra have flat noise tails, where the last block alone
+    converges slowly (1.0023× the optimum's error at rank 64 over a rank-32 signal; the
+    Krylov span gets within 1e-5 of it for about 2.5× the products). The projection onto the
+    span gets an exact SVD (:func:`_projected_svd`). Returns ``rank + oversample`` triplets
     (fewer when the matrix is smaller); callers keep the first k.
     """
     g, out_features, in_features = delta.shape
+    if out_features > in_features:  # the span lives on the smaller side: its QRs are the cheap ones
+        V, sigma, Uh = randomized_svd(delta.transpose(1, 2), rank, generators, oversample, iterations)
+        return Uh.transpose(1, 2), sigma, V.transpose(1, 2)
     width = min(rank + oversample, out_features, in_features)
+    blocks = max(1, min(iterations + 1, min(out_features, in_features) // (2 * width)))
     tests = [torch.randn(in_features, width, generator=gen, dtype=torch.float32) for gen in
              (generators or [torch.Generator().manual_seed(0) for _ in range(g)])]
     omega = torch.stack(tests).to(delta.device)
     q, _ = torch.linalg.qr(delta @ omega)  # [g, out, w]
+    span = [q]
     for _ in range(iterations):
         z, _ = torch.linalg.qr(delta.transpose(1, 2) @ q)  # [g, in, w]
         q, _ = torch.linalg.qr(delta @ z)
-    small = q.transpose(1, 2) @ delta  # [g, w, in]
-    u_small, sigma, Vh = _accurate_svd(small)
-    return q @ u_small, sigma, Vh
+        span = [*span[-(blocks - 1):], q] if blocks > 1 else [q]
+    basis, _ = torch.linalg.qr(torch.cat(span, dim=2))  # [g, out, blocks·w]
+    u_small, sigma, Vh = _projected_svd(basis.transpose(1, 2) @ delta, width)  # of [g, blocks·w, in]
+    return basis @ u_small, sigma, Vh
+
+
+def _projected_svd(small: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``width`` singular triplets of short, wide matrices ``[g, m, in]`` (m ≪ in), from
+    the eigenvectors of their float64 Gram matrices: m³ work instead of a dense SVD's m²·in.
+    Each σᵢ and vᵢ come from the projection wᵢ = uᵢᵀ·X itself (σᵢ = ‖wᵢ‖, vᵢ = wᵢ/σᵢ), so
+    σᵢ·uᵢ·vᵢᵀ is exactly X's part along uᵢ, however small (a zero matrix gives zeros)."""
+    wide = small.double()
+    _, vectors = torch.linalg.eigh(wide @ wide.transpose(1, 2))  # ascending
+    u = vectors.flip(2)[..., :width]  # [g, m, width], descending
+    w = u.transpose(1, 2) @ wide  # [g, width, in]
+    sigma = torch.linalg.vector_norm(w, dim=2)
+    sigma, order = sigma.sort(dim=1, descending=True)  # the norms may reorder values at rounding level
+    u = u.gather(2, order.unsqueeze(1).expand_as(u))
+    w = w.gather(1, order.unsqueeze(2).expand_as(w))
+    Vh = w / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(2)
+    return u.to(small.dtype), sigma.to(small.dtype), Vh.to(small.dtype)
 
 
 @dataclass(frozen=True)

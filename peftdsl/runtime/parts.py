@@ -99,7 +99,7 @@ def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
         block = torch.zeros_like(origin)
         for coef, reader in terms:
             block.add_(reader.read_rows(tensor, start, stop).float() - origin, alpha=coef)
-        total += float(block.double().square().sum())
+        total += float(kernels.squared_norms(block[None])[0])
     return total
 
 
