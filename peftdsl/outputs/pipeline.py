@@ -555,20 +555,19 @@ class _Pipeline:
                     _read_sequentially(reader)
                 blocks = row_blocks(entry.shape)
                 beside = self.reads(entry.name) if self.reads is not None else ()
+                dtypes = (entry.dtype, *(_stored_dtype(other, key) for other, key in beside))
                 for other, _ in beside:
                     if id(other) not in sequential:
                         sequential.add(id(other))
                         _read_sequentially(other)
                 for i, (start, stop) in enumerate(blocks or [(0, entry.shape[0] if entry.shape else 1)]):
                     shape = (stop - start, *entry.shape[1:]) if blocks is not None else entry.shape
-                    sizes = [math.prod(shape) * dtype.itemsize
-                             for dtype in (entry.dtype, *(_stored_dtype(other, key) for other, key in beside))]
-                    buffers = self.read_pool.take_all(sizes)
+                    buffers = self.read_pool.take_all([math.prod(shape) * dtype.itemsize for dtype in dtypes])
                     if buffers is None:
                         return
                     data = _read_block(reader, entry.name, entry.dtype, shape, start, stop, buffers[0])
-                    inputs = tuple((_read_block(other, key, _stored_dtype(other, key), shape, start, stop, buffer),
-                                    buffer) for (other, key), buffer in zip(beside, buffers[1:]))
+                    inputs = tuple((_read_block(other, key, dtype, shape, start, stop, buffer), buffer)
+                                   for (other, key), dtype, buffer in zip(beside, dtypes[1:], buffers[1:]))
                     last = blocks is None or i == len(blocks) - 1
                     self.read_queue.put(_Block(entry, start, stop, data, buffers[0], blocks is not None, last,
                                                inputs))

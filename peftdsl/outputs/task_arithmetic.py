@@ -81,12 +81,11 @@ class TaskArithmetic:
 
 def compose(block: torch.Tensor, inputs: Sequence[torch.Tensor], terms: Sequence[Term], name: str) -> torch.Tensor:
     """``block += Σ cᵢ·(inputᵢ − block)`` in place, a piece at a time; ``block`` is the base's
-    rows in float32 (contiguous), each input the same rows of one fine-tune as stored."""
+    rows in float32 (contiguous), each input the same rows of one fine-tune as stored (:func:`plan`
+    checked the shapes)."""
     flat = block.view(-1)
     values = [value.reshape(-1) for value in inputs]
-    if any(value.numel() != flat.numel() for value in values):
-        raise InputDataError(f"`{name}`: a fine-tune's tensor has another shape than the base's")
-    total_buffer, tau_buffer = _scratch(min(flat.numel(), PIECE))
+    total_buffer, tau_buffer = _scratch()
     for start in range(0, flat.numel(), PIECE):
         stop = min(flat.numel(), start + PIECE)
         base, total, tau = flat[start:stop], total_buffer[:stop - start], tau_buffer[:stop - start]
@@ -102,10 +101,10 @@ def compose(block: torch.Tensor, inputs: Sequence[torch.Tensor], terms: Sequence
 _local = threading.local()  # each worker's two pieces of scratch, allocated once
 
 
-def _scratch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scratch() -> tuple[torch.Tensor, torch.Tensor]:
     buffers = getattr(_local, "buffers", None)
-    if buffers is None or buffers[0].numel() < size:
-        buffers = _local.buffers = (torch.empty(max(size, PIECE)), torch.empty(max(size, PIECE)))
+    if buffers is None or buffers[0].numel() < PIECE:
+        buffers = _local.buffers = (torch.empty(PIECE), torch.empty(PIECE))
     return buffers
 
 

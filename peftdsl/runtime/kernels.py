@@ -283,7 +283,7 @@ def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generato
     their span: fine-tunes' spectra have flat noise tails, where the last block alone
     converges slowly (1.0023× the optimum's error at rank 64 over a rank-32 signal; the
     Krylov span gets within 1e-5 of it for about 2.5× the products). The projection onto the
-    span gets an exact SVD (:func:`_projected_svd`). Returns ``rank + oversample`` triplets
+    span is decomposed exactly, through its float64 Gram matrix (:func:`_projected_svd`). Returns ``rank + oversample`` triplets
     (fewer when the matrix is smaller); callers keep the first k.
     """
     g, out_features, in_features = delta.shape
