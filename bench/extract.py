@@ -115,16 +115,16 @@ def main() -> None:
     floor = C.median([r["wall"] for r in runs["peftdsl"]])
     table = [(f"peftdsl svd(ft, rank={args.rank})", len(runs["peftdsl"]), C.seconds(floor), "1.00×",
               C.mib(max(r["rss"] for r in runs["peftdsl"])),
-              f"{max(r['peftdsl'] for r in sampled):.4f}")]
+              f"{max(r['peftdsl'] for r in sampled):.6f}")]
     if runs["mergekit"]:
         wall = C.median([r["wall"] for r in runs["mergekit"]])
         table.append((f"mergekit-extract-lora --max-rank {args.rank}", len(runs["mergekit"]), C.seconds(wall),
                       f"{wall / floor:.2f}×", C.mib(max(r["rss"] for r in runs["mergekit"])),
-                      f"{max(r['mergekit'] for r in sampled):.4f}"))
+                      f"{max(r['mergekit'] for r in sampled):.6f}"))
     text = C.table(("command", "runs", "wall (median)", "÷ peftdsl", "peak RSS", "error ÷ optimum (worst sampled)"),
                    table)
     text += "\n\nsampled modules (error ÷ optimum): " + "; ".join(
-        f"{r['module']}: " + ", ".join(f"{t} {r[t]:.4f}" for t in outputs) for r in sampled)
+        f"{r['module']}: " + ", ".join(f"{t} {r[t]:.6f}" for t in outputs) for r in sampled)
     C.emit(f"LoRA extraction at rank {args.rank} (cpu; --scale {args.scale:g}: {world['params'] / 1e9:.2f} B params, "
            f"bf16; cache {args.cold})", text, args.md)
     if args.keep is None:
