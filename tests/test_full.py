@@ -145,6 +145,33 @@ def test_task_arithmetic_from_rows_refuses_a_non_finite_fine_tune(world, tmp_pat
     assert not (tmp_path / "out" / "x").exists()
 
 
+@pytest.mark.parametrize(("compose", "message"), [
+    ("0.5 * ft1 + 0.5 * ft2", "the base model's `model.layers.1.mlp.up_proj.weight` holds NaN"),
+    ("1e40 * ft1 - 1e40 * ft2", "float32 overflow"),
+])
+@pytest.mark.parametrize("streamed", [True, False])
+def test_task_arithmetic_refuses_a_non_finite_result(world, tmp_path, capsys, monkeypatch, compose, message,
+                                                     streamed):
+    """A NaN in the base, or weights past float32's range (which `add_` refused with a
+    RuntimeError before): R601 naming the tensor, nothing written, on both paths."""
+    from peftdsl.outputs import task_arithmetic
+
+    if not streamed:
+        monkeypatch.setattr(task_arithmetic, "plan", lambda *args: None)
+    broken = tmp_path / "base"
+    shutil.copytree(world / "base", broken)
+    if "1e40" not in compose:
+        weights = load_file(broken / "model.safetensors")
+        weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+        save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    text = recipe(tmp_path, world, f"x: {compose}", "x: {path: out/x, merge: true}", sources=("ft1", "ft2")).read_text()
+    (tmp_path / "recipe.yaml").write_text(text.replace(str(world / "base"), str(broken)))
+    assert main(["run", str(tmp_path / "recipe.yaml")]) == 1
+    out = capsys.readouterr().err
+    assert "R601" in out and message in out, out
+    assert not (tmp_path / "out" / "x").exists()
+
+
 def test_ties_over_full_task_vectors(world, tmp_path):
     from peft.utils.merge_utils import ties
 
@@ -559,3 +586,4 @@ def test_randomized_svd_projection_pieces_do_not_change_the_result(monkeypatch):
     for a, b in zip(whole, pieces, strict=True):
         assert torch.allclose(a[..., :64] if a.shape[-1] != delta.shape[-1] else a[:, :64],
                               b[..., :64] if b.shape[-1] != delta.shape[-1] else b[:, :64], atol=1e-5), a.shape
+

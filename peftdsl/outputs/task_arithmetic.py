@@ -27,6 +27,7 @@ import torch
 
 from peftdsl import ir
 from peftdsl.errors import InputDataError
+from peftdsl.runtime.kernels import float32_alpha
 from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
 
 PIECE = 1 << 16  # elements composed at a time: τ and its sum (256 KiB each) stay in L2
@@ -82,19 +83,21 @@ class TaskArithmetic:
 def compose(block: torch.Tensor, inputs: Sequence[torch.Tensor], terms: Sequence[Term], name: str) -> torch.Tensor:
     """``block += Σ cᵢ·(inputᵢ − block)`` in place, a piece at a time; ``block`` is the base's
     rows in float32 (contiguous), each input the same rows of one fine-tune as stored (:func:`plan`
-    checked the shapes)."""
+    checked the shapes). Each τᵢ is one subtraction straight from the stored dtype (widening is
+    exact, so it is the bits of widening first); the result is checked finite once per block,
+    since NaN and Inf in any input or an overflow of the sum all reach it."""
     flat = block.view(-1)
     values = [value.reshape(-1) for value in inputs]
     total_buffer, tau_buffer = _scratch()
     for start in range(0, flat.numel(), PIECE):
         stop = min(flat.numel(), start + PIECE)
         base, total, tau = flat[start:stop], total_buffer[:stop - start], tau_buffer[:stop - start]
-        total.copy_(values[0][start:stop]).sub_(base).mul_(terms[0].coef)
+        torch.sub(values[0][start:stop], base, out=total).mul_(terms[0].coef)
         for value, term in zip(values[1:], terms[1:]):
-            total.add_(tau.copy_(value[start:stop]).sub_(base), alpha=term.coef)
-        if not all_finite(total):  # NaN and Inf propagate to the sum: say which input, or overflow
-            raise _not_finite(name, base, [value[start:stop] for value in values], terms)
+            total.add_(torch.sub(value[start:stop], base, out=tau), alpha=float32_alpha(term.coef))
         base.add_(total)
+    if not all_finite(block):
+        raise _not_finite(name, values, terms)
     return block
 
 
@@ -108,13 +111,14 @@ def _scratch() -> tuple[torch.Tensor, torch.Tensor]:
     return buffers
 
 
-def _not_finite(name: str, base: torch.Tensor, values: Sequence[torch.Tensor], terms: Sequence[Term]) -> InputDataError:
-    if not all_finite(base):
-        return InputDataError(f"the base model's `{name}` holds NaN or infinite values")
+def _not_finite(name: str, values: Sequence[torch.Tensor], terms: Sequence[Term]) -> InputDataError:
+    """Why a composed block is not finite: a fine-tune's values, else the base's or an overflow
+    (the base's rows were composed in place, so which of the two is no longer known)."""
     for value, term in zip(values, terms):
         if not all_finite(value):
             return InputDataError(f"adapter `{term.adapter}`: `{name}` holds NaN or infinite values")
-    return InputDataError(f"the result for `{name}` is not finite (float32 overflow): scale the coefficients down")
+    return InputDataError(f"the base model's `{name}` holds NaN or infinite values, or the result is not "
+                          "finite (float32 overflow): check the base, or scale the coefficients down")
 
 
 # =========================================================================== when it applies

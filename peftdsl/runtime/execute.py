@@ -238,7 +238,8 @@ class Executor:
         except (SafetensorError, OSError, KeyError) as err:
             raise InputDataError(f"the base model: cannot read `{keys[0]}` ({err})") from err
         if not all_finite(stacked):
-            raise InputDataError(f"the base model's `{keys[0]}` holds NaN or infinite values")
+            broken = next(k for k, tensor in zip(keys, stacked) if not all_finite(tensor))
+            raise InputDataError(f"the base model's `{broken}` holds NaN or infinite values")
         return stacked.to(self.device)
 
     def read_ia3(self, adapter: str, group: Group) -> Ia3:
@@ -344,7 +345,7 @@ class _Evaluation:
                 total = value if term.coef == 1.0 and isinstance(value, Dense) and len(comb.terms) == 1 \
                     else dense_of(value) * term.coef
             else:
-                total.add_(dense_of(value), alpha=term.coef)
+                total.add_(dense_of(value), alpha=kernels.float32_alpha(term.coef))
             del value
         if total is None:
             return None

@@ -21,6 +21,7 @@ storage dtype. Nothing here reads files or knows about recipes.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -234,6 +235,16 @@ def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
     k = min(rank, sigma.shape[-1])
     A, B = _finish_svd(U[..., :k], sigma[:, :k], Vh[:, :k, :], clamp)
     return A, B, Spectrum(sigma, total)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def float32_alpha(coef: float) -> float:
+    """``coef`` as the ``alpha=`` of a float32 ``add_``, which refuses (RuntimeError) a value past
+    float32's range where a product merely overflows: ±inf instead, so the sum is not finite and
+    the executor's finite check reports an overflow (R601) as it does for products."""
+    return coef if abs(coef) <= _FLOAT32_MAX else math.copysign(math.inf, coef)
 
 
 _NORM_PIECE = 1 << 16  # elements widened to float64 at a time: 512 KiB, in cache

@@ -98,7 +98,7 @@ def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
         origin = base.read_rows(tensor, start, stop).float()
         block = torch.zeros_like(origin)
         for coef, reader in terms:
-            block.add_(reader.read_rows(tensor, start, stop).float() - origin, alpha=coef)
+            block.add_(reader.read_rows(tensor, start, stop).float() - origin, alpha=kernels.float32_alpha(coef))
         total += float(kernels.squared_norms(block[None])[0])
     return total
 
@@ -158,7 +158,7 @@ class _PartEvaluation:
             if total is None:
                 total = value.mul_(term.coef) if value.is_floating_point() else value * term.coef
             else:
-                total.add_(value, alpha=term.coef)
+                total.add_(value, alpha=kernels.float32_alpha(term.coef))
         return total
 
     def leaf(self, leaf: ir.Leaf, omitting: Omitting = NOTHING_OMITTED) -> torch.Tensor | None:
