@@ -329,8 +329,10 @@ def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generato
         span, _ = torch.linalg.qr(span)
         for i in range(blocks):
             torch.bmm(delta.transpose(1, 2), span[..., i * width:(i + 1) * width], out=rows[i])
-    u_small, sigma, Vh = _projected_svd(rows, width)
-    return span @ u_small, sigma, Vh
+    u_small, right = _projected_svd(rows, width)
+    del rows  # the largest buffer (for a 128k-row `lm_head`, 400 MiB): gone before the triplets
+    sigma, u_small, Vh = _ritz_triplets(u_small, right)
+    return span @ u_small.to(delta.dtype), sigma.to(delta.dtype), Vh
 
 
 def _orthonormal_columns(tall: Tensor) -> Tensor:
@@ -339,8 +341,10 @@ def _orthonormal_columns(tall: Tensor) -> Tensor:
     column-by-column sweep (for a 32k-row block, 4× slower). It only has to span the columns
     (the Krylov blocks are orthogonalized again on the other side), so where the Gram is
     singular to float64 precision the QR takes over."""
-    wide = tall.double()
-    gram = wide.transpose(1, 2) @ wide
+    gram = torch.zeros(tall.shape[0], tall.shape[2], tall.shape[2], dtype=torch.float64, device=tall.device)
+    for start in range(0, tall.shape[1], _PROJECTION_PIECE):  # widened a piece at a time, as below
+        piece = tall[:, start:start + _PROJECTION_PIECE].double()
+        gram.baddbmm_(piece.transpose(1, 2), piece)
     factor, info = torch.linalg.cholesky_ex(gram, upper=True)
     if bool(info.any()):
         return torch.linalg.qr(tall)[0]
@@ -356,17 +360,16 @@ def _orthonormality_error(basis: Tensor) -> float:
     return float((gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().max())
 
 
-_PROJECTION_PIECE = 8192  # rows of the projection widened to float64 at a time
+_PROJECTION_PIECE = 4096  # rows of the projection widened to float64 at a time (13 MiB at m = 792)
 
 
-def _projected_svd(rows: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The top ``width`` singular triplets of short, wide matrices ``P = Qᵀ·X`` of ``m = blocks·w``
-    rows, given as ``Xᵀ·Qᵢ`` blocks ``[blocks, g, in, w]``, from the eigenvectors of their
-    float64 Gram matrices ``P·Pᵀ``: m³ work instead of a dense SVD's m²·in. Each σᵢ and vᵢ come
-    from the projection wᵢ = uᵢᵀ·P itself (σᵢ = ‖wᵢ‖, vᵢ = wᵢ/σᵢ), so σᵢ·uᵢ·vᵢᵀ is exactly
-    P's part along uᵢ, however small (a zero matrix gives zeros). Rows of ``in`` are widened
-    to float64 a piece at a time: a float64 copy of a 128k-column projection would be as large
-    as X itself."""
+def _projected_svd(rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The top ``width`` left singular vectors ``u`` of short, wide matrices ``P = Qᵀ·X`` of
+    ``m = blocks·w`` rows, given as ``Xᵀ·Qᵢ`` blocks ``[blocks, g, in, w]``, from the
+    eigenvectors of their float64 Gram matrices ``P·Pᵀ`` (m³ work instead of a dense SVD's
+    m²·in), and ``Pᵀ·u`` (float64 ``[g, in, width]``), from which :func:`_ritz_triplets` takes
+    σ and v. Rows of ``in`` are widened to float64 a piece at a time: a float64 copy of a
+    128k-column projection would be as large as X itself."""
     blocks, g, columns, w = rows.shape
     m = blocks * w
     piece = torch.empty(g, min(columns, _PROJECTION_PIECE), m, dtype=torch.float64, device=rows.device)
@@ -385,16 +388,25 @@ def _projected_svd(rows: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
             gram[:, below, :(i + 1) * w].baddbmm_(part[..., below].transpose(1, 2), part[..., :(i + 1) * w])
     _, vectors = torch.linalg.eigh(gram, UPLO="L")  # ascending
     u = vectors.flip(2)[..., :width].contiguous()  # [g, m, width], descending
-    wt = torch.empty(g, columns, u.shape[2], dtype=torch.float64, device=rows.device)  # Pᵀ·u = wᵀ
+    right = torch.empty(g, columns, u.shape[2], dtype=torch.float64, device=rows.device)
     for start in range(0, columns, _PROJECTION_PIECE):
         part = widened(start)
-        torch.bmm(part, u, out=wt[:, start:start + part.shape[1]])
-    sigma = torch.linalg.vector_norm(wt, dim=1)
-    sigma, order = sigma.sort(dim=1, descending=True)  # the norms may reorder values at rounding level
+        torch.bmm(part, u, out=right[:, start:start + part.shape[1]])
+    return u, right
+
+
+def _ritz_triplets(u: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """σ, u and Vᵀ (float32, descending) from ``right = Pᵀ·u`` (float64, consumed): each σᵢ and vᵢ
+    come from the projection wᵢ = uᵢᵀ·P itself (σᵢ = ‖wᵢ‖, vᵢ = wᵢ/σᵢ), so σᵢ·uᵢ·vᵢᵀ is exactly
+    P's part along uᵢ, however small (a zero matrix gives zeros). The norms may order values
+    differently from the eigenvalues at rounding level, so both are sorted by them."""
+    sigma = torch.linalg.vector_norm(right, dim=1)  # [g, width]
+    right.div_(sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1))
+    sigma, order = sigma.sort(dim=1, descending=True)
     u = u.gather(2, order.unsqueeze(1).expand_as(u))
-    wt = wt.gather(2, order.unsqueeze(1).expand_as(wt))
-    Vh = (wt / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)).transpose(1, 2)
-    return u.to(rows.dtype), sigma.to(rows.dtype), Vh.to(rows.dtype).contiguous()
+    right = right.to(torch.float32)  # the float64 copy goes: it is the tail's largest buffer
+    Vh = right.transpose(1, 2).gather(1, order.unsqueeze(2).expand(-1, -1, right.shape[1]))
+    return sigma, u, Vh
 
 
 @dataclass(frozen=True)
