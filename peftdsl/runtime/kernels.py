@@ -237,14 +237,11 @@ def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
     return A, B, Spectrum(sigma, total)
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
 def float32_alpha(coef: float) -> float:
     """``coef`` as the ``alpha=`` of a float32 ``add_``, which refuses (RuntimeError) a value past
     float32's range where a product merely overflows: ±inf instead, so the sum is not finite and
     the executor's finite check reports an overflow (R601) as it does for products."""
-    return coef if abs(coef) <= _FLOAT32_MAX else math.copysign(math.inf, coef)
+    return coef if abs(coef) <= torch.finfo(torch.float32).max else math.copysign(math.inf, coef)
 
 
 _NORM_PIECE = 1 << 16  # elements widened to float64 at a time: 512 KiB, in cache
@@ -331,8 +328,8 @@ def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generato
             torch.bmm(delta.transpose(1, 2), span[..., i * width:(i + 1) * width], out=rows[i])
     u_small, right = _projected_svd(rows, width)
     del rows  # the largest buffer (for a 128k-row `lm_head`, 400 MiB): gone before the triplets
-    sigma, u_small, Vh = _ritz_triplets(u_small, right)
-    return span @ u_small.to(delta.dtype), sigma.to(delta.dtype), Vh
+    sigma, u_small, Vh = _ritz_triplets(u_small, right, delta.dtype)
+    return span @ u_small, sigma, Vh
 
 
 def _orthonormal_columns(tall: Tensor) -> Tensor:
@@ -395,8 +392,8 @@ def _projected_svd(rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return u, right
 
 
-def _ritz_triplets(u: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """σ, u and Vᵀ (float32, descending) from ``right = Pᵀ·u`` (float64, consumed): each σᵢ and vᵢ
+def _ritz_triplets(u: Tensor, right: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """σ, u and Vᵀ (in ``dtype``, descending) from ``right = Pᵀ·u`` (float64, consumed): each σᵢ and vᵢ
     come from the projection wᵢ = uᵢᵀ·P itself (σᵢ = ‖wᵢ‖, vᵢ = wᵢ/σᵢ), so σᵢ·uᵢ·vᵢᵀ is exactly
     P's part along uᵢ, however small (a zero matrix gives zeros). The norms may order values
     differently from the eigenvalues at rounding level, so both are sorted by them."""
@@ -404,9 +401,9 @@ def _ritz_triplets(u: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     right.div_(sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1))
     sigma, order = sigma.sort(dim=1, descending=True)
     u = u.gather(2, order.unsqueeze(1).expand_as(u))
-    right = right.to(torch.float32)  # the float64 copy goes: it is the tail's largest buffer
+    right = right.to(dtype)  # the float64 copy goes: it is the tail's largest buffer
     Vh = right.transpose(1, 2).gather(1, order.unsqueeze(2).expand(-1, -1, right.shape[1]))
-    return sigma, u, Vh
+    return sigma.to(dtype), u.to(dtype), Vh
 
 
 @dataclass(frozen=True)
