@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,11 @@ class Session:
         self.allow_pickle, self.quiet = allow_pickle, quiet
         self.console = console
         self.hashes: dict[str, str] = {}
+        # Unpinned inputs are hashed (for provenance only) on a thread beside the computation,
+        # which reads the same open files: the disk works while the CPU computes
+        self._hashing: dict[str, Future] = {}
+        self._hasher: ThreadPoolExecutor | None = None
+        self._stop_hashing = threading.Event()
         self.recipe_sha256 = hashlib.sha256(analysis.recipe.span.source.text.encode("utf-8")).hexdigest()
         self.written: list[str] = []  # outputs complete on disk, in order
         self.rank_summaries: dict[str, str] = {}  # outputs whose ranks `svd(keep=/tol=)` chose
@@ -104,12 +111,17 @@ class Session:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._hasher is not None:  # before the files close; a hash nobody collected is let go
+            self._stop_hashing.set()
+            self._hasher.shutdown(wait=True)
         self.executor.__exit__(*exc)
 
     # ------------------------------------------------------------ pins
 
     def verify_pins(self, *, locked: bool = False) -> None:
-        """Hash every adapter's weights (for provenance) and check the recipe's pins."""
+        """Hash every adapter's weights (for provenance) and check the recipe's pins. Pinned
+        inputs are hashed here, before any compute; unpinned safetensors ones on a thread, which
+        `input_hashes` waits for (their sha256 is needed only in the outputs' provenance)."""
         from peftdsl.runtime.sources import memory_sha256
 
         for adapter in self.analysis.recipe.adapters:
@@ -117,6 +129,9 @@ class Session:
             if info is None:
                 continue
             try:
+                if adapter.sha256 is None and not locked and info.state is None and _all_safetensors(info):
+                    self._hash_beside(adapter.name, info)
+                    continue
                 digest = memory_sha256(info) if info.state is not None else self._files_sha256(info)
             except OSError as err:  # unreadable, or written while it was hashed
                 self.sink.emit("I304", f"cannot read adapter `{adapter.name}`: {err}", adapter.span)
@@ -134,9 +149,33 @@ class Session:
         """A source's pin, hashed from the readers the run computes from (tensorio.SafetensorsReader):
         the same open files, so weights replaced after hashing are never read."""
         files = list(info.files) or [info.weights]
-        if any(f.suffix != ".safetensors" for f in files):  # a pickle: loaded whole, by path
+        if not _all_safetensors(info):  # a pickle: loaded whole, by path
             return sha256_files(files)
         return combine_sha256([(f.name, self.executor.reader(f).sha256()) for f in files])
+
+    def _hash_beside(self, name: str, info) -> None:
+        """Start hashing a source on the hash thread. Its readers are opened here, on this thread
+        (the executor's table of open files is not shared across threads), and are the ones the
+        computation reads."""
+        readers = [(f.name, self.executor.reader(f)) for f in (list(info.files) or [info.weights])]
+        stop = self._stop_hashing
+        self._hasher = self._hasher or ThreadPoolExecutor(1, thread_name_prefix="peftdsl-hash")
+        self._hashing[name] = self._hasher.submit(
+            lambda: combine_sha256([(file, reader.sha256(stop)) for file, reader in readers]))
+
+    def input_hashes(self) -> dict[str, str]:
+        """Every input's sha256, waiting for those hashed beside the computation; one that
+        could not be read is I304 (and nothing is written: the caller is inside the output's
+        temporary folder)."""
+        for name, future in list(self._hashing.items()):
+            try:
+                self.hashes[name] = future.result()
+            except OSError as err:
+                adapter = next(a for a in self.analysis.recipe.adapters if a.name == name)
+                self.sink.emit("I304", f"cannot read adapter `{name}`: {err}", adapter.span)
+                raise _fail(self.sink) from None
+            del self._hashing[name]
+        return self.hashes
 
     # ------------------------------------------------------------ computing
 
@@ -203,27 +242,30 @@ class Session:
         form = analysis.canonical[out.name]
         dtype = self._output_dtype(out)
         provenance = self._provenance(out, dtype)
-        card = output_card(analysis, out, provenance, results)
+
+        def stamp() -> tuple[dict, bytes]:  # called once the weights are complete: every input's sha256 is known then
+            hashes = self.input_hashes()
+            provenance["inputs"] = {n: {**entry, "sha256": hashes.get(n)} for n, entry in provenance["inputs"].items()}
+            return provenance, output_card(analysis, out, provenance, results)
+
         template = analysis.adapters[adapter_leaves(form)[0]].config
         try:
             if out.merge:
                 transform = self._merge_transform(out.name)
                 merge.write_merged(out.path, base_dir=analysis.base.path, transform=transform, dtype=out.dtype,
-                                   force=force, allow_pickle=self.allow_pickle, provenance=provenance,
-                                   task=analysis.task, card=card)
+                                   force=force, allow_pickle=self.allow_pickle, provenance=stamp,
+                                   task=analysis.task)
             elif form.kind is Kind.IA3:
                 config, tensors = write.ia3_adapter_files(self.deltas(out.name), template=template, dtype=dtype)
-                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force,
-                                    card=card)
+                write.write_adapter(out.path, config=config, tensors=tensors, provenance=stamp, force=force)
             elif selects_ranks(form) or extracts_any_embeddings(form):  # not planned before computing: no header first
                 deltas = self.deltas(out.name)
                 provenance["ranks"] = chosen_ranks(deltas)
                 config, tensors = write.lora_adapter_files(deltas, template=template, dtype=dtype)
-                write.write_adapter(out.path, config=config, tensors=tensors, provenance=provenance, force=force,
-                                    card=card)
+                write.write_adapter(out.path, config=config, tensors=tensors, provenance=stamp, force=force)
                 self.rank_summaries[out.name] = rank_summary(provenance["ranks"])
             else:
-                self._stream_lora_output(out, template, dtype, provenance, force, card)
+                self._stream_lora_output(out, template, dtype, stamp, force)
         except OutputExists:
             self.sink.emit("R602", f"output `{out.name}` already exists at `{out.path}`", out.span,
                            help="pass --force to replace it")
@@ -260,8 +302,8 @@ class Session:
                        help="convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
         raise _fail(self.sink) from None
 
-    def _stream_lora_output(self, out: ir.Output, template: dict, dtype: str, provenance: dict,
-                            force: bool, card: bytes | None = None) -> None:
+    def _stream_lora_output(self, out: ir.Output, template: dict, dtype: str, stamp: Callable[[], tuple[dict, bytes | None]],
+                            force: bool) -> None:
         """A LoRA adapter written a chunk at a time: the plan gives every shape, so the file's
         header goes first and no more than one chunk of the output is ever in memory."""
         import torch
@@ -313,7 +355,7 @@ class Session:
         config = {**write.lora_adapter_config(ranks, layouts, template, parameters=fusion.ranks()), **fields}
         write.check_loadable(config)
         write.write_adapter_streaming(out.path, config=config, specs=specs, chunks=chunks(),
-                                      provenance=provenance, force=force, card=card)
+                                      provenance=stamp, force=force)
 
     def _output_dtype(self, out: ir.Output) -> str:
         """The dtype written: the recipe's, else the base's for a merged model (its shards keep
@@ -344,7 +386,7 @@ class Session:
             "output": out.name,
             "kind": form.kind.value,
             "canonical": ir.combination_text(form),
-            "inputs": {n: {"path": _location(recipe, self.analysis.adapters[n]), "sha256": self.hashes.get(n)}
+            "inputs": {n: {"path": _location(recipe, self.analysis.adapters[n]), "sha256": None}
                        for n in adapter_leaves(form)},
             "params": {k: params[k] for k in sorted(params)},
             "seed": recipe.seed,
@@ -352,6 +394,10 @@ class Session:
             "dtype": dtype,
             "merge": out.merge,
         }
+
+
+def _all_safetensors(info) -> bool:
+    return all(f.suffix == ".safetensors" for f in (list(info.files) or [info.weights]))
 
 
 def extracts_any_embeddings(form: ir.Combination) -> bool:

@@ -313,7 +313,8 @@ def test_large_tensors_read_a_block_of_rows_at_a_time_give_the_same_result(world
     whole = load(tmp_path / "out" / "whole" / "adapter_model.safetensors")
     blocks = []
     real = execute.Executor._dense_by_rows
-    monkeypatch.setattr(execute, "_ROW_BLOCK_ELEMENTS", 1000)  # ~15 rows of 64 a block
+    monkeypatch.setattr(execute, "_ROW_BLOCK_ELEMENTS", 1000)  # tensors past 1000 elements by rows,
+    monkeypatch.setattr(execute, "_CACHED_BLOCK_ELEMENTS", 1000)  # ~15 rows of 64 a block
     monkeypatch.setattr(execute, "modules_per_chunk", lambda *args: 1)  # one module a chunk, as for a huge one
     monkeypatch.setattr(execute.Executor, "_dense_by_rows",
                         lambda self, adapter, key: blocks.append(key) or real(self, adapter, key))
@@ -588,3 +589,119 @@ def test_randomized_svd_projection_pieces_do_not_change_the_result(monkeypatch):
     assert torch.allclose(U[..., :64], U2[..., :64], atol=1e-5)
     assert torch.allclose(Vh[:, :64], Vh2[:, :64], atol=1e-5)
 
+
+
+# ---------------------------------------------------------------- reading and hashing beside the compute
+
+
+def test_the_next_chunk_is_read_ahead_and_the_result_does_not_change(world, tmp_path, monkeypatch):
+    """Each chunk's full-fine-tune and base tensors are handed to the kernel (POSIX_FADV_WILLNEED)
+    before the chunk ahead of them computes; advice only, so the adapter is the same bytes."""
+    import os
+
+    from peftdsl.runtime import execute
+
+    monkeypatch.setattr(execute, "modules_per_chunk", lambda *args: 1)
+    path = recipe(tmp_path, world, "x: svd(ft2, rank=3)", "x: out/ahead", sources=("ft2",))
+    advised, computed = [], []
+    real_fadvise, real_compute = os.posix_fadvise, execute.Executor.compute
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), len(computed))) or real_fadvise(fd, offset, length, advice))
+    monkeypatch.setattr(execute.Executor, "compute",
+                        lambda self, task, chunk: computed.append(chunk.modules) or real_compute(self, task, chunk))
+    peftdsl.load(path).run()
+    modules = len(computed)
+    assert modules > 2
+    # before chunk i computes, chunk i + 1's tensors were advised: from ft2's shards and the base's
+    assert {n for _, n in advised} == set(range(modules - 1))
+    assert any("/ft2/" in f for f, _ in advised) and any("/base/" in f for f, _ in advised)
+    monkeypatch.setattr(execute.Executor, "read_ahead", lambda self, chunk: None)
+    path = recipe(tmp_path, world, "x: svd(ft2, rank=3)", "x: out/plain", sources=("ft2",))
+    peftdsl.load(path).run()
+    ahead = load_file(tmp_path / "out" / "ahead" / "adapter_model.safetensors")
+    plain = load_file(tmp_path / "out" / "plain" / "adapter_model.safetensors")
+    assert ahead.keys() == plain.keys() and all(torch.equal(ahead[k], plain[k]) for k in ahead)
+
+
+def test_an_unpinned_source_hashed_beside_the_compute_is_in_the_provenance(world, tmp_path):
+    from peftdsl.lock import sha256_files
+
+    path = recipe(tmp_path, world, "x: svd(ft2, rank=3)", "x: out/x", sources=("ft2",))
+    peftdsl.load(path).run()
+    provenance = json.loads((tmp_path / "out" / "x" / "peftdsl.json").read_text())
+    expected = sha256_files(sorted((world / "ft2").glob("*.safetensors")))
+    assert provenance["inputs"]["ft2"]["sha256"] == expected
+    assert expected in (tmp_path / "out" / "x" / "README.md").read_text()
+
+
+def test_a_source_unreadable_while_hashed_beside_the_compute_writes_nothing(world, tmp_path, capsys, monkeypatch):
+    from peftdsl.runtime import tensorio
+
+    def broken(self, stop=None):
+        raise OSError("input/output error")
+
+    monkeypatch.setattr(tensorio.SafetensorsReader, "sha256", broken)
+    path = recipe(tmp_path, world, "x: svd(ft1, rank=3)\nm: 0.5 * ft1", "x: out/x\nm: {path: out/m, merge: true}",
+                  sources=("ft1",))
+    assert main(["run", "--quiet", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error[I304]" in err and "cannot read adapter `ft1`" in err and "input/output error" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_pinned_source_is_hashed_before_any_compute(world, tmp_path, capsys, monkeypatch):
+    """A pin is checked before the work it guards: a mismatch is I309 with nothing computed."""
+    from peftdsl.runtime import execute
+
+    path = recipe(tmp_path, world, "x: svd(ft1, rank=3)", "x: out/x", sources=("ft1",))
+    path.write_text(path.read_text().replace(f"ft1: {world / 'ft1'}", f"ft1: {{path: {world / 'ft1'}, sha256: {'0' * 64}}}"))
+    computed = []
+    monkeypatch.setattr(execute.Executor, "compute", lambda self, task, chunk: computed.append(chunk))
+    assert main(["run", "--quiet", str(path)]) == 1
+    assert "error[I309]" in capsys.readouterr().err
+    assert not computed and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the dense SVD's kernels
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 700), (2, 700, 300)])
+def test_gram_svd_is_the_exact_svd(shape):
+    """The float64 Gram path (short sides of 256 and more on the CPU) gives the dense SVD's
+    values and the optimum's error (Eckart–Young), for wide and tall matrices alike."""
+    from peftdsl.runtime import kernels
+
+    generator = torch.Generator().manual_seed(4)
+    g, rows, cols = shape
+    signal = torch.randn(g, rows, 24, generator=generator) @ torch.randn(g, 24, cols, generator=generator)
+    delta = signal + 0.05 * torch.randn(shape, generator=generator)
+    assert kernels.uses_gram_svd(delta) and not kernels.uses_randomized_svd(rows, cols, 16)
+    U, sigma, _ = kernels.gram_svd(delta, 40)
+    exact = torch.linalg.svdvals(delta.double())
+    assert torch.allclose(sigma.double(), exact[:, :40], rtol=1e-6)
+    eye = torch.eye(40, dtype=torch.float64)
+    assert torch.allclose(U.double().transpose(1, 2) @ U.double(), eye.expand(g, -1, -1), atol=1e-5)
+    A, B = kernels.svd_dense(delta, 16)
+    for j in range(g):
+        error = torch.linalg.matrix_norm(delta[j].double() - B[j].double() @ A[j].double())
+        optimum = exact[j, 16:].square().sum().sqrt()
+        assert error <= optimum * (1 + 1e-6), (j, float(error), float(optimum))
+
+
+def test_cholesky_qr_twice_is_orthonormal_and_falls_back_where_the_gram_is_singular():
+    from peftdsl.runtime import kernels
+
+    generator = torch.Generator().manual_seed(5)
+    left, _ = torch.linalg.qr(torch.randn(2, 2048, 72, generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(2, 72, 72, generator=generator))
+    tall = (left * torch.logspace(0, -6, 72)) @ right  # condition number 1e6
+    eye = torch.eye(72).expand(2, -1, -1)
+    once = kernels._orthonormal_rows(tall.transpose(1, 2)).transpose(1, 2)
+    assert float((once.transpose(1, 2) @ once - eye).abs().max()) > 1e-4  # why the second pass is there
+    basis = kernels._orthonormal_columns(tall)
+    assert float((basis.transpose(1, 2) @ basis - eye).abs().max()) < 1e-5
+    assert float((tall - basis @ (basis.transpose(1, 2) @ tall)).norm() / tall.norm()) < 1e-5  # the same span
+    deficient = tall.clone()
+    deficient[..., -1] = deficient[..., 0]  # rank 71: the Gram is singular, the Householder QR takes over
+    basis = kernels._orthonormal_columns(deficient)
+    assert float((basis.transpose(1, 2) @ basis - eye).abs().max()) < 1e-5

@@ -23,7 +23,7 @@ from peftdsl import inputs
 from peftdsl.errors import InputDataError
 from peftdsl.outputs import pipeline
 from peftdsl.outputs.atomic import atomic_output, check_output_free, json_bytes
-from peftdsl.outputs.write import SAFETENSORS_METADATA, write_provenance
+from peftdsl.outputs.write import SAFETENSORS_METADATA, Stamp, write_provenance
 from peftdsl.runtime import experts
 from peftdsl.runtime.fold import (
     Delta,
@@ -376,7 +376,7 @@ def write_merged(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     allow_pickle: bool = False,
     expect: Collection[str] | None = None,
-    provenance: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | Stamp | None = None,
     task: str | None = None,
     card: bytes | None = None,
 ) -> Path:

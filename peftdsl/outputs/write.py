@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,10 @@ from peftdsl.outputs.card import CARD
 from peftdsl.runtime.experts import AdapterFusion
 from peftdsl.runtime.fold import PartDelta
 from peftdsl.runtime.tensorio import StreamingSafetensors, as_dtype, stored
+
+# An output's provenance and model card made when its weights are complete (`run` hashes
+# unpinned inputs beside the computation: their sha256 is known only then).
+Stamp = Callable[[], tuple[Mapping[str, Any], bytes | None]]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -281,7 +285,7 @@ def write_adapter(
     *,
     config: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
-    provenance: Mapping[str, Any],
+    provenance: Mapping[str, Any] | Stamp,
     force: bool,
     card: bytes | None = None,
 ) -> Path:
@@ -304,7 +308,7 @@ def write_adapter_streaming(
     config: Mapping[str, Any],
     specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     chunks: Iterable[Mapping[str, torch.Tensor]],
-    provenance: Mapping[str, Any],
+    provenance: Mapping[str, Any] | Stamp,
     force: bool,
     card: bytes | None = None,
 ) -> Path:
@@ -328,9 +332,12 @@ def write_adapter_streaming(
     return target
 
 
-def write_provenance(folder: Path, provenance: Mapping[str, Any], card: bytes | None) -> None:
+def write_provenance(folder: Path, provenance: Mapping[str, Any] | Stamp, card: bytes | None) -> None:
     """``peftdsl.json`` and, when given, the model card ``README.md``, into an output's
-    temporary folder (so both arrive with the same rename as the weights)."""
+    temporary folder (so both arrive with the same rename as the weights). A ``Stamp`` for
+    ``provenance`` gives both, called here."""
+    if callable(provenance):
+        provenance, card = provenance()
     (folder / PROVENANCE).write_bytes(json_bytes(dict(provenance)))
     if card is not None:
         (folder / CARD).write_bytes(card)

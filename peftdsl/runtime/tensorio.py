@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ def _write_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+class HashingStopped(OSError):
+    """A hash running beside the computation was told to stop (the run ended without it)."""
+
+
 class FileChanged(OSError):
     """A weights file was written while peftdsl held it open: what was read is not what was hashed."""
 
@@ -145,12 +150,15 @@ class SafetensorsReader:
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
 
-    def sha256(self) -> str:
-        """The sha256 of the open file's bytes, checked unchanged while hashing."""
+    def sha256(self, stop: threading.Event | None = None) -> str:
+        """The sha256 of the open file's bytes, checked unchanged while hashing. ``stop``, once
+        set, ends a hash running beside the computation (the run failed: nobody needs it)."""
         digest = hashlib.sha256()
         buffer = bytearray(1 << 20)
         offset = 0
         while True:
+            if stop is not None and stop.is_set():
+                raise HashingStopped(f"`{self.path.name}`: hashing stopped")
             n = os.preadv(self.fd, [buffer], offset)
             if not n:
                 break
@@ -163,6 +171,17 @@ class SafetensorsReader:
         if _identity(os.fstat(self.fd)) != self.identity:
             raise FileChanged(f"`{self.path.name}` changed while peftdsl was reading it (written in place during "
                               "the run)")
+
+    def will_need(self, keys: list[str]) -> None:
+        """Ask the kernel to start reading ``keys``' bytes into the page cache now, in the
+        background (``POSIX_FADV_WILLNEED``), so that a later read finds them there: the disk
+        works while the CPU computes. Advice only: a no-op where the platform has none."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            start, stop = self.tensors[key].offsets
+            if stop > start:
+                os.posix_fadvise(self.fd, self.data_start + start, stop - start, os.POSIX_FADV_WILLNEED)
 
     def read_stacked(self, keys: list[str]) -> torch.Tensor:
         infos = [self.tensors[key] for key in keys]
