@@ -214,9 +214,15 @@ def test_lora_extraction_is_the_best_rank_k_approximation(world, tmp_path, capsy
         assert not saved
 
 
-def test_dropped_tensors_and_their_share_of_the_norm_are_reported(world, tmp_path, capsys):
+@pytest.mark.parametrize("block", [None, 100])
+def test_dropped_tensors_and_their_share_of_the_norm_are_reported(world, tmp_path, capsys, monkeypatch, block):
     """`svd` of `0.7·ft1 − 0.3·ft2` drops norms and embeddings: the run names them and prints
-    √(Σ‖x_dropped‖² / ‖x‖²), recomputed here from the checkpoints with plain torch."""
+    √(Σ‖x_dropped‖² / ‖x‖²), recomputed here from the checkpoints with plain torch; read a block
+    of rows at a time (100 elements: many blocks per tensor) it is the same."""
+    if block is not None:
+        from peftdsl.runtime import parts
+
+        monkeypatch.setattr(parts, "CACHED_BLOCK_ELEMENTS", block)
     path = recipe(tmp_path, world, "x: svd(0.7 * ft1 - 0.3 * ft2, rank=2)", "x: out/x", sources=("ft1", "ft2"))
     assert main(["run", str(path)]) == 0
     captured = capsys.readouterr()
@@ -594,33 +600,41 @@ def test_randomized_svd_projection_pieces_do_not_change_the_result(monkeypatch):
 # ---------------------------------------------------------------- reading and hashing beside the compute
 
 
-def test_the_next_chunk_is_read_ahead_and_the_result_does_not_change(world, tmp_path, monkeypatch):
-    """Each chunk's full-fine-tune and base tensors are handed to the kernel (POSIX_FADV_WILLNEED)
-    before the chunk ahead of them computes; advice only, so the adapter is the same bytes."""
+def test_chunks_are_read_ahead_and_the_result_does_not_change(world, tmp_path, monkeypatch):
+    """Every chunk's full-fine-tune and base tensors are handed to the kernel (POSIX_FADV_WILLNEED)
+    while chunks before it are still to compute, the one that reads least computing first;
+    advice and order change no byte of the adapter."""
     import os
 
     from peftdsl.runtime import execute
 
     monkeypatch.setattr(execute, "modules_per_chunk", lambda *args: 1)
     path = recipe(tmp_path, world, "x: svd(ft2, rank=3)", "x: out/ahead", sources=("ft2",))
-    advised, computed = [], []
-    real_fadvise, real_compute = os.posix_fadvise, execute.Executor.compute
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(
-        (os.readlink(f"/proc/self/fd/{fd}"), len(computed))) or real_fadvise(fd, offset, length, advice))
+    advised_files, advised, computed = set(), [], []
+    real_fadvise, real_ahead, real_compute = os.posix_fadvise, execute.Executor.read_ahead, execute.Executor.compute
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised_files.add(
+        os.readlink(f"/proc/self/fd/{fd}")) or real_fadvise(fd, offset, length, advice))
+    monkeypatch.setattr(execute.Executor, "read_ahead",
+                        lambda self, chunk: advised.append((chunk.modules, len(computed))) or real_ahead(self, chunk))
     monkeypatch.setattr(execute.Executor, "compute",
-                        lambda self, task, chunk: computed.append(chunk.modules) or real_compute(self, task, chunk))
+                        lambda self, task, chunk: computed.append(chunk) or real_compute(self, task, chunk))
     peftdsl.load(path).run()
-    modules = len(computed)
-    assert modules > 2
-    # before chunk i computes, chunk i + 1's tensors were advised: from ft2's shards and the base's
-    assert {n for _, n in advised} == set(range(modules - 1))
-    assert any("/ft2/" in f for f, _ in advised) and any("/base/" in f for f, _ in advised)
+    assert len(computed) > 3
+    sizes = [c.out_features * c.in_features for c in computed]
+    assert sizes[0] == min(sizes)
+    when = dict(advised)
+    for j, chunk in enumerate(computed[1:], start=1):
+        assert when[chunk.modules] <= j - 1, (j, chunk.modules)  # asked for before chunk j − 1 computed
+    assert any("/ft2/" in f for f in advised_files) and any("/base/" in f for f in advised_files)
     monkeypatch.setattr(execute.Executor, "read_ahead", lambda self, chunk: None)
+    monkeypatch.setattr(execute.Executor, "_reading_order", lambda self, chunks: chunks)
     path = recipe(tmp_path, world, "x: svd(ft2, rank=3)", "x: out/plain", sources=("ft2",))
     peftdsl.load(path).run()
     ahead = load_file(tmp_path / "out" / "ahead" / "adapter_model.safetensors")
     plain = load_file(tmp_path / "out" / "plain" / "adapter_model.safetensors")
     assert ahead.keys() == plain.keys() and all(torch.equal(ahead[k], plain[k]) for k in ahead)
+    assert (tmp_path / "out" / "ahead" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "out" / "plain" / "adapter_model.safetensors").read_bytes()
 
 
 def test_an_unpinned_source_hashed_beside_the_compute_is_in_the_provenance(world, tmp_path):
@@ -678,7 +692,10 @@ def test_gram_svd_is_the_exact_svd(shape):
     assert kernels.uses_gram_svd(delta) and not kernels.uses_randomized_svd(rows, cols, 16)
     U, sigma, _ = kernels.gram_svd(delta, 40)
     exact = torch.linalg.svdvals(delta.double())
-    assert torch.allclose(sigma.double(), exact[:, :40], rtol=1e-6)
+    lapack = torch.linalg.svdvals(delta)[:, :40].double()  # float32 LAPACK: 4.6e-6 off here
+    error = ((sigma.double() - exact[:, :40]) / exact[:, :40]).abs().max()
+    assert error <= ((lapack - exact[:, :40]) / exact[:, :40]).abs().max()
+    assert error < 2e-6
     eye = torch.eye(40, dtype=torch.float64)
     assert torch.allclose(U.double().transpose(1, 2) @ U.double(), eye.expand(g, -1, -1), atol=1e-5)
     A, B = kernels.svd_dense(delta, 16)

@@ -27,7 +27,7 @@ from peftdsl.runtime import experts, kernels, ops
 from peftdsl.runtime.fold import DenseDelta, IA3Delta, LoraDelta, PartDelta
 from peftdsl.parts import drops_full_parts
 from peftdsl.runtime.parts import compute_parts, dropped_tensors, extract_embeddings, task_vector_norm2
-from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
+from peftdsl.runtime.tensorio import CACHED_BLOCK_ELEMENTS, SafetensorsReader, all_finite
 from peftdsl.runtime.values import Dense, Ia3, Lora, Value, dense_of, folded_B
 
 Kind = ir.Kind
@@ -136,18 +136,31 @@ class Executor:
 
         `advance(n)` is told after each chunk how many modules it held (progress bars).
         """
-        chunks = self.chunks(task)
+        chunks = self._reading_order(self.chunks(task))
+        for chunk in chunks[:_READ_AHEAD]:
+            self.read_ahead(chunk)
         for i, chunk in enumerate(chunks):
-            if i + 1 < len(chunks):
-                self.read_ahead(chunks[i + 1])
+            if i + _READ_AHEAD < len(chunks):
+                self.read_ahead(chunks[i + _READ_AHEAD])
             yield self.compute(task, chunk)
             if advance is not None:
                 advance(len(chunk.modules))
 
+    def _reading_order(self, chunks: list[Group]) -> list[Group]:
+        """The chunks in the order they are computed: where they read full fine-tunes, the one
+        that reads least goes first, since nothing computes while the first is read (cold, a
+        128k-row `lm_head` and its base are 1 GB); the rest are then read while it computes.
+        Outputs are written at planned offsets, so the order changes no byte of them."""
+        if len(chunks) < 2 or not any(self.adapters[a].tensor_files for c in chunks for a in c.adapters):
+            return chunks
+        first = min(range(len(chunks)), key=lambda i: len(chunks[i].modules) * chunks[i].out_features
+                    * chunks[i].in_features)
+        return [chunks[first], *chunks[:first], *chunks[first + 1:]]
+
     def read_ahead(self, chunk: Group) -> None:
-        """Start the disk on the full fine-tunes' (and the base's) tensors of the chunk after
-        this one, so they are read while this one computes (cold, a 1.5 GB fine-tune and base
-        are 3 s of reading). LoRA files are small and read whole; they are left alone."""
+        """Start the disk on a chunk's full-fine-tune (and base) tensors, so that they are read
+        while the chunks before it compute (cold, a 1.5 GB fine-tune and its base are 3 s of
+        reading). LoRA files are small and read whole; they are left alone."""
         for adapter in chunk.adapters:
             info = self.adapters[adapter]
             if not info.tensor_files:
@@ -271,10 +284,9 @@ class Executor:
         return Ia3(self._read_stack(adapter, [info.keys[0] for info in infos]))
 
 
+_READ_AHEAD = 2  # chunks whose tensors are asked of the disk ahead of the one computing
 _ROW_BLOCK_ELEMENTS = 1 << 24  # a tensor past this many elements (64 MiB in float32) is read in blocks of rows
-# ... of this many elements (512 KiB of float32 τ and 256 KiB of each bfloat16 input): the
-# conversion, the subtraction and the finite check then run on data in cache, not from memory
-_CACHED_BLOCK_ELEMENTS = 1 << 17
+_CACHED_BLOCK_ELEMENTS = CACHED_BLOCK_ELEMENTS  # ... of this many (here so that tests can shrink it)
 
 
 def _stacked(reads: list[torch.Tensor]) -> torch.Tensor:

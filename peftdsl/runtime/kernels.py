@@ -443,9 +443,9 @@ def _widened_pieces(wide: Tensor) -> Iterator[Tensor]:
 def _projected_svd(projection: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """The top ``width`` left singular vectors ``u`` of short, wide matrices ``P`` (``[g, m, n]``,
     any strides), from the eigenvectors of their float64 Gram matrices ``P·Pᵀ`` (m³ work
-    instead of a dense SVD's m²·n), and ``Pᵀ·u`` (float64 ``[g, n, width]``), from which
-    :func:`_ritz_triplets` takes σ and v. P is widened to float64 a piece at a time: a float64
-    copy of a 128k-column projection would be as large as X itself."""
+    instead of a dense SVD's m²·n), and ``Pᵀ·u`` (``[g, n, width]``, returned in float64), from
+    which :func:`_ritz_triplets` takes σ and v. P is widened to float64 a piece at a time for
+    the Gram: a float64 copy of a 128k-column projection would be as large as X itself."""
     g, m, n = projection.shape
     gram = torch.zeros(g, m, m, dtype=torch.float64, device=projection.device)
     step = min(m, 128)
@@ -455,11 +455,9 @@ def _projected_svd(projection: Tensor, width: int) -> tuple[Tensor, Tensor]:
             gram[:, below, :below.stop].baddbmm_(part[:, below], part[:, :below.stop].transpose(1, 2))
     _, vectors = torch.linalg.eigh(gram, UPLO="L")  # ascending
     u = vectors.flip(2)[..., :width].contiguous()  # [g, m, width], descending
-    right = torch.empty(g, n, u.shape[2], dtype=torch.float64, device=projection.device)
-    start = 0
-    for part in _widened_pieces(projection):
-        torch.bmm(part.transpose(1, 2), u, out=right[:, start:start + part.shape[2]])
-        start += part.shape[2]
+    # Pᵀ·u in P's own precision (a float32 product is 1e-7 off, like any other here), widened
+    # after: the norms in _ritz_triplets then neither underflow nor round
+    right = torch.bmm(projection.transpose(1, 2), u.to(projection.dtype)).double()
     return u, right
 
 

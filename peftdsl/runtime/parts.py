@@ -36,7 +36,7 @@ from peftdsl.parts import (
 )
 from peftdsl.runtime import kernels, ops
 from peftdsl.runtime.fold import LoraDelta, PartDelta
-from peftdsl.runtime.tensorio import SafetensorsReader, all_finite
+from peftdsl.runtime.tensorio import CACHED_BLOCK_ELEMENTS, SafetensorsReader, all_finite
 from peftdsl.runtime.values import Dense, folded_B
 
 
@@ -89,17 +89,22 @@ def task_vector_norm2(executor, comb: ir.Combination, tensor: str) -> float:
         value = _task_vector(executor, comb, tensor)
         return float(kernels.squared_norms(value.reshape(1, -1)).sum()) if value is not None else 0.0
     base, terms = readers
-    rows = base.tensors[tensor].shape[0] if base.tensors[tensor].shape else 1
-    width = max(1, math.prod(base.tensors[tensor].shape[1:]))
-    step = max(1, (1 << 22) // width)
+    shape = base.tensors[tensor].shape
+    rows, width = (shape[0] if shape else 1), max(1, math.prod(shape[1:]))
+    step = max(1, CACHED_BLOCK_ELEMENTS // width)  # a block in cache, its buffers reused
+    raw = torch.empty(step * width * 8, dtype=torch.uint8)  # any stored dtype fits
+    origin, tau, block = (torch.empty(step, width) for _ in range(3))
+    wide = torch.empty(step * width, dtype=torch.float64)
     total = 0.0
     for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        origin = base.read_rows(tensor, start, stop).float()
-        block = torch.zeros_like(origin)
+        n = min(rows, start + step) - start
+        o = origin[:n].copy_(base.read_rows(tensor, start, start + n, out=raw).reshape(n, width))
+        b = block[:n].zero_()
         for coef, reader in terms:
-            block.add_(reader.read_rows(tensor, start, stop).float() - origin, alpha=kernels.float32_alpha(coef))
-        total += float(kernels.squared_norms(block[None])[0])
+            t = tau[:n].copy_(reader.read_rows(tensor, start, start + n, out=raw).reshape(n, width)).sub_(o)
+            b.add_(t, alpha=kernels.float32_alpha(coef))
+        w = wide[:n * width].copy_(b.reshape(-1))
+        total += float(torch.dot(w, w))
     return total
 
 
