@@ -722,3 +722,27 @@ def test_cholesky_qr_twice_is_orthonormal_and_falls_back_where_the_gram_is_singu
     deficient[..., -1] = deficient[..., 0]  # rank 71: the Gram is singular, the Householder QR takes over
     basis = kernels._orthonormal_columns(deficient)
     assert float((basis.transpose(1, 2) @ basis - eye).abs().max()) < 1e-5
+
+
+def test_randomized_svd_sums_the_gram_in_float64_only_where_float32_cannot_resolve_it(monkeypatch):
+    """The projection's Gram is a float32 product unless its width-th eigenvalue comes near
+    float32's rounding of the trace (a steeply decaying spectrum): then float64, and either way
+    the optimum's error."""
+    from peftdsl.runtime import kernels
+
+    widened = []
+    real = kernels._lower_gram_float64
+    monkeypatch.setattr(kernels, "_lower_gram_float64", lambda p: widened.append(p.shape) or real(p))
+    generator = torch.Generator().manual_seed(6)
+    rows, cols, rank = 1100, 2048, 32
+    U, _ = torch.linalg.qr(torch.randn(rows, rows, generator=generator, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(cols, rows, generator=generator, dtype=torch.float64))
+    for decay, steep in ((4.0, True), (1e9, False)):  # e^(−i/4): λ₄₀ is 1e-9 of the trace
+        sigma = torch.exp(-torch.arange(rows, dtype=torch.float64) / decay)
+        delta = ((U * sigma) @ V.T).float()
+        widened.clear()
+        A, B = kernels.svd_dense(delta.unsqueeze(0), rank, generators=[torch.Generator().manual_seed(1)])
+        assert bool(widened) == steep
+        error = torch.linalg.matrix_norm(delta.double() - B[0].double() @ A[0].double())
+        optimum = torch.linalg.svdvals(delta.double())[rank:].square().sum().sqrt()
+        assert error <= 1.01 * optimum, (decay, float(error), float(optimum))
