@@ -536,8 +536,8 @@ def test_equal_to_mergekit_task_arithmetic(world, tmp_path):
 def test_randomized_svd_reaches_the_optimum_on_a_flat_noise_tail(shape):
     """The hard case for a range finder, and bench/extract.py's: a rank-32 signal over dense
     noise truncated at rank 64, so σ₆₄ and σ₆₅ are nearly equal. Subspace iteration alone was
-    1.0023× the optimum here; the block Krylov span is within 5e-5 of it in either orientation
-    on this 1100 side, where 7 of its 11 blocks fit (5e-7 at bench/extract.py's 2048 side)."""
+    1.0023× the optimum here; the block Krylov span is within 5e-6 of it in either orientation
+    on this 1100 side, where 8 of its 12 blocks fit (3e-7 at bench/extract.py's 2048 side)."""
     from peftdsl.runtime import kernels
 
     generator = torch.Generator().manual_seed(3)
@@ -550,7 +550,7 @@ def test_randomized_svd_reaches_the_optimum_on_a_flat_noise_tail(shape):
     A, B = kernels.svd_dense(delta.unsqueeze(0), rank, generators=[torch.Generator().manual_seed(1)])
     error = torch.linalg.matrix_norm((delta - B[0] @ A[0]).double())
     optimum = torch.linalg.svdvals(delta.double())[rank:].square().sum().sqrt()
-    assert error <= 1.00005 * optimum, float(error / optimum)
+    assert error <= 1.00001 * optimum, float(error / optimum)
 
 
 def _low_rank(generator, rows, cols, rank):

@@ -217,26 +217,32 @@ def svd_dense(delta: Tensor, rank: int, clamp: float | None = None,
     ``k = min(rank, out, in)``. Matrices too large for a dense SVD to be cheap use
     :func:`randomized_svd` (``generators``: one seeded generator per module).
     """
-    A, B, _ = svd_dense_spectrum(delta, rank, clamp, generators)
+    A, B, _ = _svd_dense(_f32(delta), rank, clamp, generators)
     return A, B
 
 
 def svd_dense_spectrum(delta: Tensor, rank: int, clamp: float | None = None,
                        generators: Sequence[torch.Generator] | None = None) -> tuple[Tensor, Tensor, Spectrum]:
-    """:func:`svd_dense` and the spectrum it saw, for rank selection."""
+    """:func:`svd_dense` and the spectrum it saw, for rank selection (with each module's exact
+    ‖ΔW‖², which a plain `svd` does not need)."""
+    delta = _f32(delta)
+    A, B, sigma = _svd_dense(delta, rank, clamp, generators)
+    return A, B, Spectrum(sigma, squared_norms(delta))
+
+
+def _svd_dense(delta: Tensor, rank: int, clamp: float | None,
+               generators: Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor, Tensor]:
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    delta = _f32(delta)
-    total = squared_norms(delta)
     if uses_randomized_svd(delta.shape[1], delta.shape[2], rank):
         U, sigma, Vh = randomized_svd(delta, rank, generators)
     elif uses_gram_svd(delta):
-        U, sigma, Vh = gram_svd(delta, rank + RANDOMIZED_OVERSAMPLE)
+        U, sigma, Vh = gram_svd(delta, rank)
     else:
         U, sigma, Vh = _accurate_svd(delta)
     k = min(rank, sigma.shape[-1])
     A, B = _finish_svd(U[..., :k], sigma[:, :k], Vh[:, :k, :], clamp)
-    return A, B, Spectrum(sigma, total)
+    return A, B, sigma
 
 
 def float32_alpha(coef: float) -> float:
@@ -269,18 +275,26 @@ def squared_norms(stack: Tensor) -> Tensor:
 
 # A dense SVD of an n×n matrix costs O(n³); past this side (and for ranks well below it) a
 # randomized block Krylov method finds the top-k subspace in O(n²·k). Its constants were chosen
-# on bench/extract.py's flat noise tails (the hard case): 8 oversamples and 10 iterations are
-# within 5e-7 of the optimum's error there, below the bfloat16 rounding of the saved factors,
-# for 37 % fewer flops than 32 and 8 (wider blocks buy less than more iterations).
+# on bench/extract.py's flat noise tails (the hard case): blocks of k columns and 11 iterations
+# are within 3e-7 of the optimum's error there, below the bfloat16 rounding of the saved
+# factors, for 3 % fewer flops than 8 oversamples and 10 iterations (4e-7): block Krylov needs
+# no oversampling (Musco & Musco), and more iterations buy more than wider blocks. Blocks are
+# at least 16 wide, so that a small rank still has a block to span a cluster of values.
 RANDOMIZED_MIN_SIDE = 1024
-RANDOMIZED_OVERSAMPLE = 8
-RANDOMIZED_POWER_ITERATIONS = 10
+RANDOMIZED_OVERSAMPLE = 0
+RANDOMIZED_MIN_WIDTH = 16
+RANDOMIZED_POWER_ITERATIONS = 11
 RANDOMIZED_MIN_BLOCKS = 6  # fewer blocks fit in half the short side: a dense SVD is as cheap
+
+
+def randomized_width(rank: int, oversample: int = RANDOMIZED_OVERSAMPLE) -> int:
+    """Columns of each Krylov block."""
+    return max(rank + oversample, RANDOMIZED_MIN_WIDTH)
 
 
 def uses_randomized_svd(out_features: int, in_features: int, rank: int) -> bool:
     side = min(out_features, in_features)
-    return side > RANDOMIZED_MIN_SIDE and 2 * RANDOMIZED_MIN_BLOCKS * (rank + RANDOMIZED_OVERSAMPLE) <= side
+    return side > RANDOMIZED_MIN_SIDE and 2 * RANDOMIZED_MIN_BLOCKS * randomized_width(rank) <= side
 
 
 def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generator] | None = None,
@@ -290,7 +304,7 @@ def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generato
     Musco 2015, alg. 2), run as a block Golub–Kahan–Lanczos bidiagonalization.
 
     The basis lives on the smaller side: for M, X oriented short × long (X or Xᵀ, never
-    copied), a Gaussian test block of ``rank + oversample`` columns, drawn from each module's
+    copied), a Gaussian test block of :func:`randomized_width` columns, drawn from each module's
     seeded generator (the same bytes on every run), spans the first block Q₀ of the Krylov
     space ``span{MΩ, (MMᵀ)MΩ, …}``; each further block is ``M·orth(MᵀQᵢ)`` orthogonalized
     against all earlier ones (twice: classical Gram–Schmidt's loss of orthogonality is fixed by
@@ -300,15 +314,15 @@ def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generato
     (:func:`_projected_svd`) costs no further product with X. Keeping every block matters
     because fine-tunes' spectra have flat noise tails, where the last block alone converges
     slowly (1.0023× the optimum's error at rank 64 over a rank-32 signal; the span gets within
-    5e-7 of it). Where the space runs out before the iterations do (X of low rank), the new
+    3e-7 of it). Where the space runs out before the iterations do (X of low rank), the new
     blocks are rounding noise and the basis is not orthonormal: that is checked, and the
-    projection is then taken by an explicit QR and product. Returns ``rank + oversample``
+    projection is then taken by an explicit QR and product. Returns a block's width of
     triplets (fewer when the matrix is smaller); callers keep the first k.
     """
     g, out_features, in_features = delta.shape
     wide = out_features <= in_features  # M = X (else Xᵀ)
     short, long = (out_features, in_features) if wide else (in_features, out_features)
-    width = min(rank + oversample, short)
+    width = min(randomized_width(rank, oversample), short)
     blocks = max(1, min(iterations + 1, short // (2 * width)))
     tests = [torch.randn(long, width, generator=gen, dtype=torch.float32) for gen in
              (generators or [torch.Generator().manual_seed(0) for _ in range(g)])]
@@ -417,8 +431,8 @@ _ORTHONORMAL_TOLERANCE = 1e-4  # float32 Gram–Schmidt twice is ~1e-6 off; roun
 
 
 def _orthonormality_error(basis: Tensor) -> float:
-    """max |QᵀQ − I| over the stack."""
-    gram = basis.transpose(1, 2) @ basis
+    """max |QᵀQ − I| over the stack (from QᵀQ's lower triangle: it is symmetric)."""
+    gram = _lower_gram(basis.transpose(1, 2))
     return float((gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().max())
 
 

@@ -31,15 +31,18 @@ class Context:
 
 def svd(value: Lora | Dense, options: Mapping, context: Context) -> Lora:
     rank = options["rank"]
+    selects = options.get("keep") is not None or options.get("tol") is not None
     try:
         if isinstance(value, Lora):
             A, B, spectrum = kernels.svd_from_factors_spectrum(value.A, folded_B(value), rank, options.get("clamp"))
-        else:
+        elif selects:
             A, B, spectrum = kernels.svd_dense_spectrum(value.delta, rank, options.get("clamp"), _generators(context))
+        else:  # no rank selection: ‖ΔW‖ is not needed
+            A, B = kernels.svd_dense(value.delta, rank, options.get("clamp"), _generators(context))
     except torch.linalg.LinAlgError as err:  # finite inputs whose combination overflowed float32
         raise InputDataError(f"svd of module `{context.modules[0]}` failed: {str(err).splitlines()[0]} "
                              "(float32 overflow? scale the coefficients down)") from err
-    if options.get("keep") is None and options.get("tol") is None:
+    if not selects:
         return Lora(A, B)
     ranks, kept = kernels.select_ranks(spectrum, rank, options.get("keep"), options.get("tol"))
     limit = torch.tensor(ranks, device=A.device).view(-1, 1)
