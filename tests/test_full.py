@@ -746,3 +746,18 @@ def test_randomized_svd_sums_the_gram_in_float64_only_where_float32_cannot_resol
         error = torch.linalg.matrix_norm(delta.double() - B[0].double() @ A[0].double())
         optimum = torch.linalg.svdvals(delta.double())[rank:].square().sum().sqrt()
         assert error <= 1.01 * optimum, (decay, float(error), float(optimum))
+
+
+def test_randomized_svd_of_values_past_a_float32_gram_is_right():
+    """σ₁ ≈ 4e19: the float32 Gram of the projection overflows, so it is summed in float64
+    (the result is the scaled-down matrix's, scaled back), never a finite wrong answer."""
+    from peftdsl.runtime import kernels
+
+    generator = torch.Generator().manual_seed(8)
+    delta = torch.randn(1, 1100, 2048, generator=generator)
+    small = kernels.randomized_svd(delta, 32, [torch.Generator().manual_seed(1)])
+    large = kernels.randomized_svd(delta * 1e18, 32, [torch.Generator().manual_seed(1)])
+    assert torch.allclose(large[1] / 1e18, small[1], rtol=1e-5)
+    rebuilt = (large[0][0, :, :32].double() * large[1][0, :32].double()) @ large[2][0, :32].double()
+    expected = (small[0][0, :, :32].double() * small[1][0, :32].double()) @ small[2][0, :32].double() * 1e18
+    assert torch.allclose(rebuilt, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

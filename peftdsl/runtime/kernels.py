@@ -353,7 +353,7 @@ def randomized_svd(delta: Tensor, rank: int, generators: Sequence[torch.Generato
         for i in range(blocks):
             projected(i, span[..., i * width:(i + 1) * width])
     u_small, right = _projected_svd(rows if wide else rows.transpose(1, 2), width)
-    rows = None  # the largest buffer (for a 128k-row `lm_head`, 400 MiB): gone before the triplets
+    last = rows = None  # the largest buffer (for a 128k-row `lm_head`, 400 MiB; `last` is a view of it): gone
     sigma, u_small, Vh = _ritz_triplets(u_small, right, delta.dtype)
     basis = span @ u_small
     if wide:
@@ -381,7 +381,7 @@ def _transposed_product(left: Tensor, right: Tensor, out: Tensor | None = None) 
 
 
 # Below the randomized SVD's sizes, a dense SVD's cost is mostly its bidiagonalization of the
-# whole matrix (O(m²·n)); the float64 Gram of the short side and its eigenvectors cost a third
+# whole matrix (O(m²·n)); the float64 Gram of the short side and its eigenvectors cost a fifth
 # of that at m = 512 (8 k/v projections of 512×2048: 0.9 s -> 0.3 s) and are as exact for
 # the values that matter: float64 sums of float32 products lose nothing above ~1e-8·σ₁.
 GRAM_SVD_MIN_SIDE = 256
@@ -463,16 +463,21 @@ def _projected_svd(projection: Tensor, width: int, float64_gram: bool = False) -
     The Gram is a float32 product: its rounding is relative to each entry's rows (here ~0.1·ε
     of the trace in norm), which the Krylov blocks' graded norms keep far below the eigenvalues
     that matter (the flat tails of bench/extract.py: 1e-5 of the width-th; steep spectra lose
-    nothing either). Where the width-th eigenvalue comes within 1000·ε of the trace, or with
+    nothing either). Where the width-th eigenvalue comes within 1000·ε/2 of the trace (or is not
+    finite: a float32 Gram past float32's range), or with
     ``float64_gram`` (an exact SVD's, whose rows are not graded), the Gram is summed in float64
     (P widened a piece at a time: a float64 copy of a 128k-column projection would be as large
     as X itself)."""
-    gram = _lower_gram_float64(projection) if float64_gram else _lower_gram(projection).double()
-    values, vectors = torch.linalg.eigh(gram, UPLO="L")  # ascending
-    trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)
-    if not float64_gram and bool((values[:, -min(width, values.shape[1])] < _GRAM_RESOLUTION * trace).any()):
-        gram = _lower_gram_float64(projection)
-        values, vectors = torch.linalg.eigh(gram, UPLO="L")
+    gram = None if float64_gram else _lower_gram(projection).double()
+    if gram is not None and bool(torch.isfinite(gram).all()):  # a float32 Gram past float32's range is not
+        values, vectors = torch.linalg.eigh(gram, UPLO="L")  # ascending
+        trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+        if not bool((values[:, -min(width, values.shape[1])] >= _GRAM_RESOLUTION * trace).all()):
+            gram = None
+    else:
+        gram = None
+    if gram is None:
+        values, vectors = torch.linalg.eigh(_lower_gram_float64(projection), UPLO="L")
     u = vectors.flip(2)[..., :width].contiguous()  # [g, m, width], descending
     # Pᵀ·u in P's own precision (a float32 product is 1e-7 off, like any other here), widened
     # after: the norms in _ritz_triplets then neither underflow nor round
