@@ -468,16 +468,9 @@ def _projected_svd(projection: Tensor, width: int, float64_gram: bool = False) -
     ``float64_gram`` (an exact SVD's, whose rows are not graded), the Gram is summed in float64
     (P widened a piece at a time: a float64 copy of a 128k-column projection would be as large
     as X itself)."""
-    gram = None if float64_gram else _lower_gram(projection).double()
-    if gram is not None and bool(torch.isfinite(gram).all()):  # a float32 Gram past float32's range is not
-        values, vectors = torch.linalg.eigh(gram, UPLO="L")  # ascending
-        trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)
-        if not bool((values[:, -min(width, values.shape[1])] >= _GRAM_RESOLUTION * trace).all()):
-            gram = None
-    else:
-        gram = None
-    if gram is None:
-        values, vectors = torch.linalg.eigh(_lower_gram_float64(projection), UPLO="L")
+    vectors = None if float64_gram else _float32_gram_vectors(projection, width)
+    if vectors is None:
+        _, vectors = torch.linalg.eigh(_lower_gram_float64(projection), UPLO="L")  # ascending
     u = vectors.flip(2)[..., :width].contiguous()  # [g, m, width], descending
     # Pᵀ·u in P's own precision (a float32 product is 1e-7 off, like any other here), widened
     # after: the norms in _ritz_triplets then neither underflow nor round
@@ -486,6 +479,18 @@ def _projected_svd(projection: Tensor, width: int, float64_gram: bool = False) -
 
 
 _GRAM_RESOLUTION = 1000 * torch.finfo(torch.float32).eps / 2  # of the trace: 6e-5
+
+
+def _float32_gram_vectors(projection: Tensor, width: int) -> Tensor | None:
+    """The eigenvectors (ascending) of P·Pᵀ formed in float32, or None where float32 cannot
+    resolve the width-th eigenvalue (or the Gram is past float32's range)."""
+    gram = _lower_gram(projection).double()
+    if not bool(torch.isfinite(gram).all()):
+        return None
+    values, vectors = torch.linalg.eigh(gram, UPLO="L")
+    trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+    resolved = values[:, -min(width, values.shape[1])] >= _GRAM_RESOLUTION * trace
+    return vectors if bool(resolved.all()) else None
 _GRAM_ROWS = 256  # rows of the lower triangle taken in one product
 
 
